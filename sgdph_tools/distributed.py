@@ -1,0 +1,39 @@
+"""The few torch.distributed helpers the optimizer and the trainer share."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 when torch.distributed is not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` in place across all processes: one all-reduce per (device, dtype)
+    bucket, not one per tensor. A no-op in a single process."""
+    n = world_size()
+    if n == 1 or not tensors:
+        return
+    buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        buckets[(t.device, t.dtype)].append(t)
+    for bucket in buckets.values():
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)
+        flat.div_(n)
+        for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            t.copy_(reduced)

@@ -1,0 +1,1 @@
+"""Small, complete examples of using the optimizer from plain PyTorch."""

@@ -1,0 +1,39 @@
+"""Small real networks shared by the tests."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+def conv_bn_net(act: type[nn.Module] = nn.ReLU, num_classes: int = 3, dropout: float = 0.0) -> nn.Sequential:
+    """conv-BN-act-conv-BN-act-pool-linear, the paper's setting in miniature."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), act(),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), act(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(6, num_classes),
+    )
+
+
+def ln_mlp(act: type[nn.Module] = nn.GELU, num_classes: int = 3, dropout: float = 0.0) -> nn.Sequential:
+    """A pre-activation transformer-style MLP: linear-LayerNorm-act-linear-LayerNorm-act-linear."""
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.LayerNorm(8), act(), nn.Dropout(dropout),
+        nn.Linear(8, 7), nn.LayerNorm(7), act(), nn.Linear(7, num_classes),
+    )
+
+
+def batch_for(net: nn.Module, n: int = 8, num_classes: int = 3, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    is_conv = any(isinstance(m, nn.Conv2d) for m in net.modules())
+    shape = (n, 2, 5, 5) if is_conv else (n, 5)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, num_classes, (n,), generator=g)
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
