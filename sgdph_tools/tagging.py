@@ -58,7 +58,8 @@ class ParamTag:
 
 def find_classifier(model: nn.Module) -> nn.Module | None:
     """The model's final classifier layer: timm's ``get_classifier()`` when there is one (and it is a
-    layer with parameters), else the last ``nn.Linear`` in registration order."""
+    layer with parameters), else the last linear layer (plain or weight-normalised) in registration
+    order."""
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         try:
@@ -68,11 +69,15 @@ def find_classifier(model: nn.Module) -> nn.Module | None:
         if isinstance(head, (tuple, list)):  # distilled models return (head, head_dist)
             head = head[0] if head else None
         if isinstance(head, nn.Module):
-            layers = [m for m in head.modules() if module_kinds.is_conv_or_linear(m)]
+            layers = [m for m in head.modules() if _is_layer(m)]
             if layers:
                 return layers[-1]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) or (_is_layer(m) and hasattr(m, "in_features"))]
     return linears[-1] if linears else None
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return module_kinds.is_conv_or_linear(module) or module_kinds.is_weight_norm(module)
 
 
 def _kind_of(module: nn.Module, local_name: str, ndim: int) -> tuple[str, str]:

@@ -1,2 +1,5 @@
 """Model definitions registered with timm (importing this package registers them)."""
-from . import small  # noqa: F401  (registers small_cnn)
+from . import cifar, small  # noqa: F401  (register the models with timm)
+
+#: The models this project registers with timm.
+REGISTERED = ("small_cnn", "resnet18_cifar", "resnet50_cifar", "vgg11_cifar", "vgg19_cifar", "vgg11_nobn", "vgg19_nobn")

@@ -1,0 +1,131 @@
+"""The converted-model checkpoint: rebuildable from its description, no pickled classes.
+
+A file holds the model's name, source and kwargs, the conversion options (with the exact list of
+decoupled layers), the state_dict and the parameter tags. Loading rebuilds the model by name,
+re-applies the conversion to exactly those layers and loads the weights, so it survives code
+changes and loads with ``torch.load(weights_only=True)``.
+
+``load_model`` also accepts a model name and a plain state_dict (a timm checkpoint) with a name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..errors import UserError
+from ..io import atomic_save
+from ..models.factory import ModelSpec, create_model, create_model_for_size
+from ..tagging import tag_parameters
+from .rewrite import ConversionReport, convert
+
+FORMAT = "sgdph-tools/converted-model"
+VERSION = 1
+
+
+def save_converted(path: str | os.PathLike, model: nn.Module, spec: ModelSpec, report: ConversionReport) -> Path:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sgdph_tools_version": __version__,
+        "model": spec.as_dict(),
+        "conversion": {
+            "wn": report.wn,
+            "strip_norm": report.strip_norm,
+            "exclude": list(report.exclude),
+            "layers": report.decoupled,
+        },
+        "state_dict": model.state_dict(),
+        "tags": {name: {"kind": t.kind, "group": t.group} for name, t in tag_parameters(model).items()},
+    }
+    return atomic_save(payload, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with a one-line error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such checkpoint file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- corrupt file, not a torch file, pickled classes...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from exc
+
+
+def is_converted(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, dict]:
+    if payload.get("version", 0) > VERSION:
+        raise UserError(f"checkpoint format version {payload['version']} is newer than this sgdph-tools understands")
+    spec = ModelSpec(**payload["model"])
+    conversion = payload["conversion"]
+    model = create_model(spec)
+    model, _ = convert(
+        model, wn=conversion["wn"], strip_norm=conversion["strip_norm"], exclude=conversion["exclude"],
+        layers=conversion["layers"], verify=False,
+    )
+    _load_state_dict(model, payload["state_dict"], spec.display_name)
+    return model, spec, conversion
+
+
+def _load_state_dict(model: nn.Module, state_dict: dict, what: str) -> None:
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise UserError(f"the weights do not fit '{what}': {mismatch[:220]} (wrong --num-classes?)") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            f"the weights do not fit '{what}': missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]} (wrong --model or --num-classes?)"
+        )
+
+
+def plain_state_dict(payload: Any) -> dict | None:
+    """The state_dict inside a plain checkpoint: the dict itself, or under 'state_dict'/'model'."""
+    if not isinstance(payload, dict):
+        return None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        inner = payload.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    return None
+
+
+def load_model(
+    source: str, *, model_name: str | None = None, num_classes: int | None = None,
+    img_size: int | None = None, **kwargs,
+) -> tuple[nn.Module, ModelSpec, dict | None]:
+    """A model from a converted checkpoint, a plain checkpoint (needs ``model_name``), or a name.
+
+    ``img_size`` is passed to architectures that fix their input size (ViTs). Returns
+    ``(model, spec, conversion)``; ``conversion`` is None unless the source was converted.
+    """
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    path = Path(source)
+    looks_like_file = path.suffix in (".pt", ".pth", ".bin", ".ckpt") or os.sep in source
+    if not path.is_file() and not looks_like_file:
+        spec = ModelSpec.parse(source, **kwargs)
+        return create_model_for_size(spec, img_size), spec, None
+    payload = read_checkpoint(path)
+    if is_converted(payload):
+        return rebuild_converted(payload)
+    state_dict = plain_state_dict(payload)
+    if state_dict is None:
+        raise UserError(f"{path} holds no state_dict: expected a converted checkpoint or a state_dict")
+    if model_name is None:
+        raise UserError(f"{path} is a plain state_dict: say which architecture it is with --model NAME")
+    spec = ModelSpec.parse(model_name, **kwargs)
+    model = create_model_for_size(spec, img_size)
+    _load_state_dict(model, state_dict, spec.display_name)
+    return model, spec, None

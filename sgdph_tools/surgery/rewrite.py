@@ -1,0 +1,222 @@
+"""``convert``: decouple every conv/linear that does not feed a norm into a weight-normalised layer.
+
+The graph analysis (:mod:`.graph`) decides; the eager model is changed by swapping modules by
+qualified name, so it keeps its class and methods (``forward_features``, ``reset_classifier``,
+``pretrained_cfg``). Every conversion is verified: eval-mode outputs before and after must agree to
+float rounding, otherwise :class:`VerificationError` is raised.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .. import module_kinds
+from ..errors import UserError
+from .graph import analyse
+from .wn_layers import to_weight_norm, unconvertible_reason
+
+# Actions in the report.
+DECOUPLED = "decoupled"  # replaced by a weight-normalised layer
+NORMALISED = "already normalised"  # feeds a norm layer: its channel scale is redundant
+WEIGHT_STANDARDISED = "weight-standardised"  # StdConv2d & co normalise their own weight
+EXCLUDED = "excluded"  # matched an --exclude pattern
+KEPT = "kept"  # would be decoupled, but wn=False (report only)
+NOT_CONVERTIBLE = "not convertible"  # see the reason
+
+# Outputs may differ by float rounding only (about 1e-7 absolute; deep nets accumulate a little more).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+class VerificationError(UserError):
+    """The converted model computes something else than the original."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    layer_type: str
+    action: str
+    feeds_norm: bool
+    evidence: str  # how the decision was made: graph, leaf graph, module order, checkpoint
+    detail: str
+
+
+@dataclass
+class ConversionReport:
+    layers: list[LayerReport]
+    wn: bool
+    strip_norm: bool
+    exclude: list[str]
+    traced: bool
+    trace_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    stripped_norms: list[str] = field(default_factory=list)
+    max_abs_error: float | None = None
+    input_shape: list[int] | None = None
+
+    @property
+    def decoupled(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.action == DECOUPLED]
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(layer.action for layer in self.layers))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "counts": self.counts()}
+
+
+def strip_norms(model: nn.Module) -> list[str]:
+    """Replace every normalisation layer by an identity (the paper's "without BN" variants).
+
+    timm's fused norm+activation layers (BatchNormAct2d, ...) keep their dropout/activation children.
+    Returns the names of the replaced layers.
+    """
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or not module_kinds.is_norm(module):
+            continue
+        if any(name.startswith(r + ".") for r in replaced):
+            continue
+        children = [c for c in module.children() if not isinstance(c, nn.Identity)]
+        model.set_submodule(name, nn.Sequential(*children) if children else nn.Identity())
+        replaced.append(name)
+    return replaced
+
+
+def example_input_for(model: nn.Module, img_size: int | None = None, batch: int = 2) -> torch.Tensor:
+    """A deterministic random batch shaped for ``model`` (timm's ``pretrained_cfg['input_size']``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    chans, height, width = cfg.get("input_size", (3, 224, 224))
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm ViTs built for another size
+    if isinstance(fixed, (tuple, list)) and len(fixed) == 2:
+        height, width = fixed
+    if img_size is not None:
+        height = width = img_size
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, chans, height, width, generator=gen).to(device)
+
+
+@torch.no_grad()
+def _eval_output(model: nn.Module, x: torch.Tensor):
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def verify_outputs(before, after) -> float:
+    """Max absolute difference between two model outputs; raises VerificationError beyond rounding."""
+    a, b = _tensors(before), _tensors(after)
+    if len(a) != len(b) or not a:
+        raise VerificationError("verification failed: the converted model returns a different output structure")
+    worst = max(((x.float() - y.float()).abs().max().item() for x, y in zip(a, b)), default=0.0)
+    try:
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL)
+    except AssertionError as exc:
+        raise VerificationError(
+            f"verification failed: the converted model's outputs differ from the original's by up to "
+            f"{worst:.3g} (more than float rounding); exclude the offending layers with --exclude"
+        ) from exc
+    return worst
+
+
+def convert(
+    model: nn.Module,
+    *,
+    wn: bool = True,
+    strip_norm: bool = False,
+    exclude: Iterable[str] = (),
+    layers: Iterable[str] | None = None,
+    example_input: torch.Tensor | None = None,
+    verify: bool = True,
+) -> tuple[nn.Module, ConversionReport]:
+    """Decouple the conv/linear layers of ``model`` that feed no norm, in place.
+
+    Args:
+        model: a timm/torchvision/any ``nn.Module``; modified in place and returned.
+        wn: decouple (``W = gamma · V/||V||`` plus a bias); False only reports what would happen.
+        strip_norm: first replace every norm layer by an identity (a "without BN" variant).
+        exclude: fnmatch patterns on module names to leave alone (e.g. ``"head.*"``).
+        layers: decouple exactly these layers (used to re-apply a saved conversion), skipping the
+            graph decisions.
+        example_input: the batch used for verification (default: random, shaped from the model's
+            ``pretrained_cfg``).
+        verify: compare eval-mode outputs before and after; a mismatch raises VerificationError.
+
+    Returns:
+        ``(model, report)``; the report lists every conv/linear with its decision and reason.
+    """
+    exclude = list(exclude)
+    stripped = strip_norms(model) if strip_norm else []
+    if verify and example_input is None:
+        example_input = example_input_for(model)
+    before = _eval_output(model, example_input) if verify else None
+
+    analysis = analyse(model)
+    forced = set(layers) if layers is not None else None
+    reports: list[LayerReport] = []
+    for name, decision in analysis.decisions.items():
+        module = model.get_submodule(name)
+        evidence, detail = decision.evidence, decision.detail
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            action, detail = EXCLUDED, f"matches --exclude; {detail}"
+        elif forced is not None:
+            action = DECOUPLED if name in forced else NORMALISED if decision.feeds_norm else KEPT
+            evidence = "checkpoint"
+        elif module_kinds.is_weight_norm(module):
+            action, detail = NOT_CONVERTIBLE, "already weight-normalised"
+        elif module_kinds.is_weight_standardised(module):
+            action, detail = WEIGHT_STANDARDISED, f"{type(module).__name__} standardises its own weight"
+        elif decision.feeds_norm:
+            action = NORMALISED
+        elif not wn:
+            action = KEPT
+        else:
+            reason = unconvertible_reason(module)
+            action, detail = (NOT_CONVERTIBLE, reason) if reason else (DECOUPLED, detail)
+        reports.append(LayerReport(name, decision.layer_type, action, decision.feeds_norm, evidence, detail))
+
+    if forced is not None:
+        missing = forced - {r.name for r in reports}
+        if missing:
+            raise UserError(f"the saved conversion names layers this model does not have: {sorted(missing)[:5]}")
+    for report in reports:
+        if report.action == DECOUPLED:
+            model.set_submodule(report.name, to_weight_norm(model.get_submodule(report.name)))
+
+    result = ConversionReport(
+        layers=reports, wn=wn, strip_norm=strip_norm, exclude=exclude, traced=analysis.traced,
+        trace_error=analysis.trace_error, notes=analysis.notes, stripped_norms=stripped,
+    )
+    if verify:
+        result.max_abs_error = verify_outputs(before, _eval_output(model, example_input))
+        result.input_shape = list(example_input.shape)
+    return model, result
+
+
+def bake_model(model: nn.Module) -> nn.Module:
+    """Fold every weight-normalised layer back into a plain conv/linear, in place."""
+    for name, module in list(model.named_modules()):
+        if name and module_kinds.is_weight_norm(module):
+            model.set_submodule(name, module.bake())
+    return model
