@@ -1,9 +1,11 @@
 """sgdph-tools: SGD with Partial Hessian (SGD-PH) for PyTorch and timm.
 
-Importing the package registers the ``sgdph`` optimizer with timm's optimizer factory.
+Importing the package registers the ``sgdph`` optimizer with timm's optimizer factory and this
+project's models (``resnet18_cifar``, ``vgg19_nobn``, ``small_cnn``, ...) with timm's model registry.
 """
 from importlib.metadata import PackageNotFoundError, version
 
+from . import models  # noqa: F401  (registers the models with timm)
 from .hessian import partial_hessian
 from .optim import SGDPH, register_with_timm, sgdph_param_groups
 from .tagging import ParamTag, tag_parameters

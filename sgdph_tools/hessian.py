@@ -41,14 +41,17 @@ def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def module_buffers_restored():
+def module_buffers_restored(buffers: Sequence[Tensor] = ()):
     """Within the block, every module that runs a forward gets its buffers back as they were before
-    its first call (BatchNorm's running_mean/var and num_batches_tracked, any stateful buffer).
+    its first call (BatchNorm's running_mean/var and num_batches_tracked, any stateful buffer), and so
+    does every tensor in ``buffers``.
 
-    It uses a global forward pre-hook, so it needs no reference to the model; a buffer updated by a
-    functional call outside any module (``F.batch_norm`` on free tensors) is not covered.
+    Modules are found by a global forward pre-hook, so no reference to the model is needed -- but
+    ``torch.compile``'d modules do not call global hooks: for them, pass ``buffers`` (e.g.
+    ``model.buffers()``). A buffer updated by a functional call on free tensors is not covered.
     """
     saved: dict[int, tuple[torch.nn.Module, dict[str, Tensor]]] = {}
+    explicit = [(b, b.detach().clone()) for b in buffers]
 
     def snapshot(module: torch.nn.Module, args) -> None:
         if id(module) not in saved and module._buffers:
@@ -63,9 +66,11 @@ def module_buffers_restored():
     finally:
         handle.remove()
         with torch.no_grad():
-            for module, buffers in saved.values():
-                for key, value in buffers.items():
+            for module, module_buffers in saved.values():
+                for key, value in module_buffers.items():
                     module._buffers[key].copy_(value)
+            for tensor, value in explicit:
+                tensor.copy_(value)
 
 
 class ForwardReplay:
@@ -77,8 +82,8 @@ class ForwardReplay:
     the randomness nor the buffers that the training run sees.
     """
 
-    def __init__(self, loss_fn: LossFn, devices: Iterable[torch.device] = ()):
-        self.loss_fn = loss_fn
+    def __init__(self, loss_fn: LossFn, devices: Iterable[torch.device] = (), buffers: Sequence[Tensor] = ()):
+        self.loss_fn, self.buffers = loss_fn, list(buffers)
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
         self._rng: tuple | None = None
 
@@ -108,7 +113,7 @@ class ForwardReplay:
         after_first = self._rng_state()
         try:
             self._set_rng_state(self._rng)
-            with module_buffers_restored(), torch.enable_grad():
+            with module_buffers_restored(self.buffers), torch.enable_grad():
                 loss = _scalar_loss(self.loss_fn())
                 return torch.autograd.grad(loss, inputs, materialize_grads=True)
         finally:
@@ -258,6 +263,8 @@ def partial_hessian(
     estimator: str = "rowsum",
     engine: str = "autograd",
     generator: torch.Generator | None = None,
+    *,
+    buffers: Iterable[Tensor] = (),
 ) -> list[Tensor]:
     """Estimate the partial Hessian of a loss w.r.t. channel-wise 1-D parameters.
 
@@ -269,6 +276,9 @@ def partial_hessian(
             (``z ⊙ Hz``, unbiased for the true diagonal) or ``"diagonal"`` (exact, one HVP per element).
         engine: ``"autograd"`` (double backward) or ``"finite_difference"``.
         generator: random generator for Hutchinson's probe vectors.
+        buffers: tensors to restore after the finite-difference engine's extra forwards, needed
+            only for ``torch.compile``'d models (others are found automatically; see
+            :func:`module_buffers_restored`).
 
     Returns:
         One tensor per parameter, same shape, detached (plain values, no graph).
@@ -280,7 +290,7 @@ def partial_hessian(
         return []
     if not all(p.requires_grad for p in params):
         raise ValueError("partial_hessian: every parameter must have requires_grad=True")
-    replay = ForwardReplay(loss_fn, {p.device for p in params})
+    replay = ForwardReplay(loss_fn, {p.device for p in params}, buffers)
     with torch.enable_grad():
         loss = replay.first()
         create_graph = engine == "autograd"

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..tagging import FIRST_ORDER, SECOND_ORDER, tag_parameters
 
-console = Console(highlight=False)
+# Wide enough for the tables when the output is not a terminal (rich would assume 80 columns).
+console = Console(highlight=False, width=None if Console().is_terminal else 160)
 
 
 def print_json(data: Any) -> None:

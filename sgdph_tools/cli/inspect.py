@@ -1,6 +1,8 @@
 """``sgdph inspect MODEL_OR_CHECKPOINT``: every parameter with its kind and optimizer path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ..surgery.checkpoint import load_model
@@ -26,7 +28,8 @@ def inspect_command(
     """Show every parameter: name, shape, kind, group (second/first order), numel, and totals."""
     net, spec, conversion = load_model(source, model_name=arch, num_classes=num_classes, img_size=img_size)
     report = None
-    if conversion is None and (wn or strip_norm):  # nothing is written: a dry run of convert
+    is_name = not Path(source).is_file()
+    if is_name and (wn or strip_norm):  # nothing is written: a dry run of convert
         net, report = convert(net, wn=wn, strip_norm=strip_norm, exclude=exclude,
                               example_input=example_input_for(net, img_size))
     rows = parameter_rows(net)
@@ -41,7 +44,7 @@ def inspect_command(
             "layers": report.as_dict()["layers"] if report else None,
         })
         return
-    title = f"{spec.display_name}" + (" (converted checkpoint)" if conversion else " (as `convert --wn` would make it)" if report and wn else "")
+    title = spec.display_name + (f" ({source})" if not is_name else " (as `convert --wn` would make it)" if report and wn else "")
     console.print(parameter_table(rows, title))
     console.print(totals_table(totals))
     if report is not None:

@@ -84,6 +84,9 @@ class SGDPH(Optimizer):
         hessian_every: refresh the Hessian every k steps (default 1).
         seed: seed of the Hutchinson probe vectors (offset by the process rank under DDP).
         foreach: use the multi-tensor (``torch._foreach_*``) update; default: on CUDA.
+        buffers: module buffers (BatchNorm statistics) to put back after the finite-difference
+            engine's extra forward; only needed for a ``torch.compile``'d model -- eager modules'
+            buffers are found by a global forward hook (``model.buffers()`` is always safe to pass).
 
     Usage A (the paper's)::
 
@@ -123,6 +126,7 @@ class SGDPH(Optimizer):
         hessian_every: int = 1,
         seed: int = 0,
         foreach: bool | None = None,
+        buffers: Iterable[Tensor] = (),
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("so_lr", so_lr)):
             if not value >= 0.0:
@@ -137,6 +141,7 @@ class SGDPH(Optimizer):
         check_choice("engine", engine, ENGINES)
         self.estimator, self.engine = estimator, engine
         self.hessian_every, self.seed = hessian_every, seed
+        self.buffers = list(buffers)  # restored after the finite-difference engine's extra forwards
         self._generator: torch.Generator | None = None
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr,
@@ -164,8 +169,14 @@ class SGDPH(Optimizer):
         *,
         loss_fn: Callable[[], Tensor] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
     ) -> Tensor | None:
-        """One optimization step. See the class docstring for the two usages."""
+        """One optimization step. See the class docstring for the two usages.
+
+        ``max_grad_norm`` (usage B): clip the total gradient norm after the gradients are computed,
+        averaged across processes and unscaled -- the caller cannot, since they appear inside step.
+        The Hessian estimate is not clipped.
+        """
         if closure is not None and loss_fn is not None:
             raise ValueError("pass either a closure (which calls backward) or loss_fn (which does not), not both")
         if loss_fn is None and self.engine == "finite_difference":
@@ -189,7 +200,13 @@ class SGDPH(Optimizer):
                 grad_scaler.unscale_(self)  # records found_inf for scaler.update()
                 if not _all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]):
                     return loss  # skipped, like GradScaler.step: no state changes
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.param_groups for p in g["params"] if p.grad is not None], max_grad_norm
+                )
         else:
+            if max_grad_norm is not None:
+                raise ValueError("max_grad_norm is for usage B; in usage A clip .grad yourself before step()")
             hvp_for = self._hvp_from_backward_graph
 
         hessians: dict[Tensor, Tensor] = {}
@@ -230,7 +247,7 @@ class SGDPH(Optimizer):
             return grad_scaler.scale(value) if grad_scaler is not None else value
 
         self.zero_grad(set_to_none=True)
-        replay = ForwardReplay(forward, {p.device for p in params})
+        replay = ForwardReplay(forward, {p.device for p in params}, self.buffers)
         create_graph = refreshing and self.engine == "autograd"
         with torch.enable_grad():
             grads = torch.autograd.grad(replay.first(), params, create_graph=create_graph, allow_unused=True)

@@ -24,6 +24,7 @@ from ..tagging import tag_parameters
 from .rewrite import ConversionReport, convert
 
 FORMAT = "sgdph-tools/converted-model"
+TRAIN_FORMAT = "sgdph-tools/train-checkpoint"  # written by sgdph train: a superset of this format
 VERSION = 1
 
 
@@ -58,19 +59,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_converted(payload: Any) -> bool:
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
+    """A checkpoint that describes its model: converted (sgdph convert) or trained (sgdph train)."""
+    return isinstance(payload, dict) and payload.get("format") in (FORMAT, TRAIN_FORMAT)
 
 
-def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, dict]:
+def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, dict | None]:
+    """Rebuild the model a checkpoint describes and load its weights. ``conversion`` is None for a
+    trained model that was not converted."""
     if payload.get("version", 0) > VERSION:
         raise UserError(f"checkpoint format version {payload['version']} is newer than this sgdph-tools understands")
     spec = ModelSpec(**payload["model"])
-    conversion = payload["conversion"]
+    conversion = payload.get("conversion")
     model = create_model(spec)
-    model, _ = convert(
-        model, wn=conversion["wn"], strip_norm=conversion["strip_norm"], exclude=conversion["exclude"],
-        layers=conversion["layers"], verify=False,
-    )
+    if conversion is not None:
+        model, _ = convert(
+            model, wn=conversion["wn"], strip_norm=conversion["strip_norm"], exclude=conversion["exclude"],
+            layers=conversion["layers"], verify=False,
+        )
     _load_state_dict(model, payload["state_dict"], spec.display_name)
     return model, spec, conversion
 

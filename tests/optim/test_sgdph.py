@@ -411,3 +411,15 @@ def test_grad_scaler_skips_a_step_with_non_finite_gradients():
     params_before = {k: v for k, v in before.items() if "running" not in k and "num_batches" not in k}
     assert all(torch.equal(net.state_dict()[k], v) for k, v in params_before.items())
     assert "sgdph" not in opt.state  # no step was counted
+
+
+def test_finite_differences_on_a_compiled_model_restore_the_given_buffers():
+    """torch.compile'd modules skip global forward hooks, so the buffers are passed explicitly."""
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    compiled = torch.compile(net)
+    opt = SGDPH(sgdph_param_groups(net), engine="finite_difference", buffers=net.buffers())
+    for step in range(2):
+        x, y = batch_for(net, seed=step)
+        opt.step(loss_fn=lambda: F.cross_entropy(compiled(x), y))
+    assert net[1].num_batches_tracked.item() == 2  # one real forward per step, not two

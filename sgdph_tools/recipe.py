@@ -1,0 +1,266 @@
+"""Recipes: typed YAML files that say what to train, on what, with which optimizer and schedule.
+
+A recipe has five sections -- ``model``, ``data``, ``optimizer``, ``schedule``, ``trainer`` -- each a
+dataclass below, whose fields (with their defaults) are the complete list of keys. ``load_recipe``
+reads a file, applies dotted ``key=value`` overrides and validates everything before anything is
+built: an unknown key names the key and the closest valid one, a wrong type names the key and the
+expected type, an unknown choice lists the valid ones. ``docs/training.md`` documents every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError, did_you_mean
+
+@dataclass
+class ConversionCfg:
+    wn: bool = False  # decouple every conv/linear that feeds no norm (sgdph convert --wn)
+    strip_norm: bool = False  # replace every norm layer by an identity first
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of layers to leave alone
+
+
+@dataclass
+class ModelCfg:
+    name: str = "small_cnn"  # timm name, this project's models, or torchvision:NAME
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor kwargs (drop_rate, ...)
+    conversion: ConversionCfg = field(default_factory=ConversionCfg)
+
+
+@dataclass
+class DataCfg:
+    name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    root: str | None = None  # dataset folder (cifar*, imagefolder)
+    download: bool = False  # cifar*: download into root when missing (needs internet)
+    img_size: int | None = None  # default: digits 8, cifar 32, imagefolder 224, synthetic 32
+    num_workers: int = 2  # DataLoader worker processes (0: load in the main process)
+    train_dir: str = "train"  # imagefolder: sub-folders of root
+    val_dir: str = "val"
+    augment: bool = True  # the dataset's standard training augmentation
+    num_classes: int = 10  # synthetic only (the others know theirs)
+    channels: int = 3  # synthetic only
+    num_train: int = 512  # synthetic only
+    num_test: int = 128  # synthetic only
+
+
+@dataclass
+class OptimizerCfg:
+    name: Literal["sgdph", "sgd", "adam", "adamw", "adabelief", "adahessian", "apollo"] = "sgdph"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgdph, sgd
+    betas: list[float] | None = None  # adam, adamw, adabelief, adahessian (None: their default)
+    eps: float | None = None  # None: the optimizer's default (sgdph 1e-4, adam 1e-8, ...)
+    # SGD-PH only:
+    so_lr: float = 1e-3
+    hessian_momentum: float = 0.9
+    estimator: Literal["rowsum", "hutchinson", "diagonal"] = "rowsum"
+    engine: Literal["autograd", "finite_difference"] = "autograd"
+    hessian_every: int = 1
+    second_order_kinds: list[str] | None = None  # None: every channel-wise 1-D kind
+    kwargs: dict[str, Any] = field(default_factory=dict)  # anything else the optimizer takes
+
+
+@dataclass
+class ScheduleCfg:
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 180])  # multistep: epochs
+    gamma: float = 0.1  # multistep: factor at each milestone
+    min_lr: float = 0.0  # cosine: final learning rate
+    warmup_epochs: float = 0.0  # linear warmup from warmup_factor·lr, per iteration
+    warmup_factor: float = 0.1
+
+
+@dataclass
+class TrainerCfg:
+    epochs: int = 200
+    batch_size: int = 128  # global: split across processes
+    eval_batch_size: int | None = None  # default: 2 x batch_size
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str | None = None  # run folder name; default: the recipe's file name and the seed
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (not with double backward)
+    grad_clip: float | None = None  # max gradient norm
+    log_every: int = 10  # progress refresh, iterations
+    progress: bool = True  # a live progress bar when attached to a terminal
+
+
+@dataclass
+class Recipe:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optimizer: OptimizerCfg = field(default_factory=OptimizerCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.as_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        names = " or ".join(_type_name(a) for a in args)
+        return f"{names} or null" if len(args) < len(typing.get_args(tp)) else names
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp, key: str) -> Any:
+    """``value`` checked (and, for int -> float, converted) against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    wrong = UserError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}"
+                            f"{did_you_mean(str(value), map(str, typing.get_args(tp)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except UserError:
+                continue
+        raise wrong
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")  # a bug in the schema, not in the recipe
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe section '{prefix}' must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise UserError(f"unknown recipe key '{dotted}'{did_you_mean(dotted, valid)}")
+        values[key] = _convert(value, hints[key], dotted)
+    return cls(**values)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise UserError(f"override '{dotted}': '{key}' is not a section")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optimizer.lr=0.05"`` -> ``("optimizer.lr", 0.05)``; the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like section.key=value (e.g. optimizer.lr=0.05)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"override '{text}': the value is not valid YAML ({exc.problem})") from exc
+    return key.strip(), value
+
+
+def _check_semantics(recipe: Recipe) -> None:
+    t, o, s = recipe.trainer, recipe.optimizer, recipe.schedule
+    for key, value in (("trainer.epochs", t.epochs), ("trainer.batch_size", t.batch_size),
+                       ("optimizer.hessian_every", o.hessian_every), ("trainer.log_every", t.log_every)):
+        if value < 1:
+            raise UserError(f"recipe key '{key}' must be at least 1, got {value}")
+    if o.lr <= 0:
+        raise UserError(f"recipe key 'optimizer.lr' must be positive, got {o.lr}")
+    if s.milestones != sorted(s.milestones):
+        raise UserError(f"recipe key 'schedule.milestones' must be increasing, got {s.milestones}")
+    if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
+        raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
+    if t.compile and (o.name == "adahessian" or (o.name == "sgdph" and o.engine == "autograd")):
+        raise UserError(
+            "trainer.compile=true needs an optimizer without double backward, which torch.compile cannot "
+            "differentiate: use optimizer.engine=finite_difference with sgdph, or trainer.compile=false"
+        )
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
+    data = dict(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    recipe = _build(Recipe, data, "")
+    _check_semantics(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such recipe file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping with sections model, data, optimizer, schedule, trainer")
+    recipe = recipe_from_dict(data or {}, overrides)
+    if recipe.trainer.name is None:
+        recipe.trainer.name = f"{path.stem}-s{recipe.trainer.seed}"
+    return recipe

@@ -1,0 +1,141 @@
+"""One training step, one epoch, one evaluation. The trainer (trainer.py) puts them together.
+
+How a step runs depends on the optimizer:
+- SGD-PH: ``optimizer.step(loss_fn=...)`` -- the optimizer runs the backward passes itself, with the
+  GradScaler and clipping handed to it (the gradients only exist inside step);
+- second-order baselines (AdaHessian): ``backward(create_graph=True)``, then ``step()``;
+- everything else: the usual ``backward()``, optional unscale and clip, ``step()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed
+from ..errors import UserError
+from ..optim import SGDPH
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became inf or NaN."""
+
+
+@dataclass
+class StepSettings:
+    device: torch.device
+    precision: str  # fp32, bf16, fp16
+    scaler: torch.amp.GradScaler | None
+    grad_clip: float | None
+    channels_last: bool
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimization step; returns the batch's (loss, logits), detached."""
+    if isinstance(optimizer, SGDPH):
+        first: list[torch.Tensor] = []
+
+        def loss_fn() -> torch.Tensor:  # called again by the finite-difference engine: same batch
+            with s.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            if not first:
+                first.append(logits.detach())
+            return loss
+
+        loss = optimizer.step(loss_fn=loss_fn, grad_scaler=s.scaler, max_grad_norm=s.grad_clip)
+        if s.scaler is not None:
+            s.scaler.update()
+        return loss.detach(), first[0]
+
+    optimizer.zero_grad(set_to_none=True)
+    with s.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    create_graph = bool(getattr(optimizer, "is_second_order", False))
+    (s.scaler.scale(loss) if s.scaler else loss).backward(create_graph=create_graph)
+    if s.grad_clip is not None:
+        if s.scaler:
+            s.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    if s.scaler:
+        s.scaler.step(optimizer)
+        s.scaler.update()
+    else:
+        optimizer.step()
+    if create_graph:  # free the double-backward graph held by .grad
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), logits.detach()
+
+
+def _to_device(batch, s: StepSettings):
+    x, y = batch
+    x = x.to(s.device, non_blocking=True)
+    if s.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(s.device, non_blocking=True)
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if distributed.world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def train_one_epoch(model, optimizer, scheduler, loader, s: StepSettings, *, epoch: int, log_every: int,
+                    on_progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train for one epoch; returns train_loss, train_acc1 (percent) and images per second, reduced
+    over processes. Raises NonFiniteLoss as soon as the loss is inf or NaN (checked every
+    ``log_every`` iterations, where the running sums are read anyway)."""
+    model.train()
+    totals = torch.zeros(3, device=s.device, dtype=torch.float64)  # loss sum, correct, count
+    start = time.perf_counter()
+    for i, batch in enumerate(loader, 1):
+        x, y = _to_device(batch, s)
+        loss, logits = train_step(model, optimizer, x, y, s)
+        scheduler.step()
+        n = y.numel()
+        totals += torch.stack([loss.double() * n, (logits.argmax(1) == y).sum().double(), torch.tensor(n, device=s.device, dtype=torch.float64)])
+        if i % log_every == 0 or i == len(loader):
+            loss_sum, correct, count = totals.tolist()
+            if not torch.isfinite(torch.tensor(loss_sum)):
+                raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}, iteration {i}")
+            if on_progress is not None:
+                on_progress(i, {"loss": loss_sum / count, "acc1": 100 * correct / count,
+                                "lr": optimizer.param_groups[0]["lr"],
+                                "img_s": count * distributed.world_size() / (time.perf_counter() - start)})
+    seconds = time.perf_counter() - start
+    loss_sum, correct, count = _all_reduce_sum(totals).tolist()
+    return {"train_loss": loss_sum / count, "train_acc1": 100 * correct / count,
+            "train_images_per_second": count / seconds, "train_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model, loader, s: StepSettings) -> dict:
+    """Test loss, top-1 and top-5 accuracy (percent, as timm reports them), exact over processes."""
+    model.eval()
+    totals = torch.zeros(4, device=s.device, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    for batch in loader:
+        x, y = _to_device(batch, s)
+        with s.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                               torch.tensor(y.numel(), device=s.device, dtype=torch.float64)])
+    loss_sum, top1, top5, count = _all_reduce_sum(totals).tolist()
+    return {"test_loss": loss_sum / count, "test_acc1": 100 * top1 / count, "test_acc5": 100 * top5 / count}

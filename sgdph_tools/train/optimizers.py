@@ -1,0 +1,75 @@
+"""The optimizers a recipe can name, and the learning-rate schedule.
+
+Where each comes from (so results can be traced to an implementation):
+
+| recipe name | implementation |
+|---|---|
+| ``sgdph`` | ``sgdph_tools.SGDPH`` with the tag-based groups of ``sgdph_param_groups`` |
+| ``sgd`` | ``torch.optim.SGD`` with momentum, no Nesterov (timm's factory name ``momentum``) |
+| ``adam``, ``adamw`` | ``torch.optim.Adam`` / ``torch.optim.AdamW`` via timm's factory |
+| ``adabelief``, ``adahessian`` | ``timm.optim.AdaBelief`` / ``timm.optim.Adahessian`` via timm's factory |
+| ``apollo`` | ``pytorch_optimizer.ApolloDQN`` (Apollo, Ma 2020; official defaults: 500 warmup steps) |
+
+Weight decay applies to every parameter, as in the paper's runs (timm's factory is asked not to
+exempt 1-D parameters). Second-order baselines report ``is_second_order`` and the trainer runs
+``backward(create_graph=True)`` for them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+
+from ..optim import SGDPH, sgdph_param_groups
+from ..recipe import OptimizerCfg, ScheduleCfg
+from ..tagging import CHANNELWISE_KINDS
+
+_TIMM_NAMES = {"sgd": "momentum", "adam": "adam", "adamw": "adamw", "adabelief": "adabelief", "adahessian": "adahessian"}
+
+
+def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimizer:
+    extra = dict(cfg.kwargs)
+    if cfg.eps is not None:
+        extra["eps"] = cfg.eps
+    if cfg.name == "sgdph":
+        kinds = cfg.second_order_kinds if cfg.second_order_kinds is not None else CHANNELWISE_KINDS
+        return SGDPH(
+            sgdph_param_groups(model, kinds), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            so_lr=cfg.so_lr, hessian_momentum=cfg.hessian_momentum, estimator=cfg.estimator, engine=cfg.engine,
+            hessian_every=cfg.hessian_every, buffers=list(model.buffers()), **extra,
+        )
+    if cfg.name == "apollo":
+        from pytorch_optimizer import ApolloDQN
+
+        return ApolloDQN(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    if cfg.betas is not None:
+        extra["betas"] = tuple(cfg.betas)
+    if cfg.name == "sgd":
+        extra["momentum"] = cfg.momentum
+    return create_optimizer_v2(
+        model, opt=_TIMM_NAMES[cfg.name], lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=False, **extra
+    )
+
+
+def lr_factor(cfg: ScheduleCfg, epoch: float, epochs: int, base_lr: float) -> float:
+    """The learning rate at (fractional) ``epoch``, as a factor of the base lr."""
+    if cfg.name == "multistep":
+        factor = cfg.gamma ** sum(1 for m in cfg.milestones if int(epoch) >= m)
+    elif cfg.name == "cosine":
+        floor = cfg.min_lr / base_lr
+        factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(epoch / epochs, 1.0)))
+    else:
+        factor = 1.0
+    if epoch < cfg.warmup_epochs:
+        factor *= cfg.warmup_factor + (1 - cfg.warmup_factor) * epoch / cfg.warmup_epochs
+    return factor
+
+
+def build_scheduler(cfg: ScheduleCfg, optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int, base_lr: float):
+    """A LambdaLR stepped once per iteration (warmup and cosine are smooth; multistep changes at the
+    first iteration of a milestone epoch, as torch's MultiStepLR stepped per epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg, it / iters_per_epoch, epochs, base_lr)
+    )

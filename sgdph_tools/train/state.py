@@ -1,0 +1,61 @@
+"""Training checkpoints: everything a run needs to continue exactly, written atomically.
+
+The payload extends the converted-model checkpoint (model name and kwargs, conversion, state_dict),
+so ``sgdph inspect`` and ``sgdph export`` read training checkpoints too, and adds the optimizer,
+scheduler and GradScaler states, the RNG states, the epoch, the best accuracy and the recipe. It
+holds only plain data and tensors: it loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..io import atomic_save
+from ..surgery.checkpoint import read_checkpoint
+
+FORMAT = "sgdph-tools/train-checkpoint"
+VERSION = 1
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_training_state(path: Path, *, recipe: dict, model_spec: dict, conversion: dict | None, model, optimizer,
+                        scheduler, scaler, epoch: int, best_acc1: float, device: torch.device) -> Path:
+    return atomic_save({
+        "format": FORMAT,
+        "version": VERSION,
+        "sgdph_tools_version": __version__,
+        "recipe": recipe,
+        "model": model_spec,
+        "conversion": conversion,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(device),
+        "epoch": epoch,  # completed epochs
+        "best_acc1": best_acc1,
+    }, path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    payload = read_checkpoint(path)
+    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+        from ..errors import UserError
+
+        raise UserError(f"{path} is not a training checkpoint written by sgdph train")
+    return payload

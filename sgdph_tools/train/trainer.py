@@ -1,0 +1,249 @@
+"""The trainer: builds everything a recipe names, then trains epoch by epoch.
+
+Read top to bottom: ``Trainer.__init__`` sets up processes, device, data, model, optimizer and
+schedule; ``run`` trains, evaluates every epoch, writes metrics, curves and checkpoints (rank 0
+only), and stops with a clear message on a non-finite loss, keeping the last good checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import distributed
+from ..data.datasets import build_datasets, build_loaders
+from ..errors import UserError
+from ..io import atomic_write_text
+from ..models.factory import ModelSpec, create_model_for_size
+from ..optim import SGDPH
+from ..recipe import Recipe
+from ..surgery.rewrite import convert, example_input_for
+from .loop import NonFiniteLoss, StepSettings, evaluate, train_one_epoch
+from .metrics import append_metrics, plot_curves, read_metrics, truncate_metrics
+from .optimizers import build_optimizer, build_scheduler
+from .state import load_training_state, save_training_state, set_rng_state
+
+# Keys that may differ between a run and its resumption.
+_RESUME_FREE = {("trainer", "progress"), ("trainer", "log_every"), ("data", "num_workers")}
+
+
+def _log(message: str) -> None:
+    if distributed.rank() == 0:
+        print(message, flush=True)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; initialises the process group
+    (NCCL on GPUs, gloo on CPUs) when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    return rank, world, local_rank
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer: equal on all replicas iff they hold the same values."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, *, resume: bool = False):
+        self.recipe, t = recipe, recipe.trainer
+        self.rank, self.world, local_rank = init_distributed()
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+        use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if t.precision == "bf16" and use_cuda and not torch.cuda.is_bf16_supported():
+            raise UserError("trainer.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+        self.run_dir = Path(t.output_dir) / t.name
+        torch.manual_seed(t.seed)  # the same initial weights on every process
+
+        # Data: the global batch is split over processes.
+        self.data = build_datasets(recipe.data)
+        self.train_loader, self.test_loader, self.sampler = build_loaders(
+            self.data, recipe.data, t.batch_size, t.eval_batch_size or 2 * t.batch_size, seed=t.seed,
+            rank=self.rank, world=self.world, pin_memory=use_cuda,
+        )
+
+        # Model: built by name for the data's classes and channels, converted when asked.
+        kwargs = {"num_classes": self.data.num_classes, **recipe.model.kwargs}
+        if self.data.in_chans != 3:
+            kwargs.setdefault("in_chans", self.data.in_chans)
+        self.spec = ModelSpec.parse(recipe.model.name, **kwargs)
+        model = create_model_for_size(self.spec, self.data.img_size)
+        conv = recipe.model.conversion
+        self.conversion = None
+        if conv.wn or conv.strip_norm:
+            example = example_input_for(model, self.data.img_size)
+            model, report = convert(model, wn=conv.wn, strip_norm=conv.strip_norm, exclude=conv.exclude,
+                                    example_input=example)
+            self.conversion = {"wn": conv.wn, "strip_norm": conv.strip_norm, "exclude": list(conv.exclude),
+                               "layers": report.decoupled}
+            _log(f"converted {self.spec.display_name}: {len(report.decoupled)} layers decoupled")
+        self.model = model.to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+        # Optimizer, schedule, mixed precision.
+        self.optimizer = build_optimizer(recipe.optimizer, self.model)
+        if self.world > 1 and getattr(self.optimizer, "is_second_order", False) and not isinstance(self.optimizer, SGDPH):
+            raise UserError(f"optimizer '{recipe.optimizer.name}' needs backward(create_graph=True), which DDP does "
+                            "not support; train it with one process")
+        self.scheduler = build_scheduler(recipe.schedule, self.optimizer, t.epochs, len(self.train_loader), recipe.optimizer.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last)
+        self.start_epoch, self.best_acc1 = 0, float("-inf")
+        if resume:
+            self._resume()
+        elif (self.run_dir / "last.pt").exists():
+            raise UserError(f"{self.run_dir} already holds a run: continue it with --resume, or choose another "
+                            "trainer.name (or trainer.output_dir)")
+
+        # Processes and compilation wrap the model used for forward passes; self.model stays the
+        # plain module whose state_dict is saved.
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if use_cuda else None, broadcast_buffers=True)
+        if t.compile:
+            self.net = torch.compile(self.net)
+        self.on_epoch_end: list[Callable[[int, dict], None]] = []  # hooks (tests use them to interrupt)
+
+    # ------------------------------------------------------------------------- resume
+
+    def _resume(self) -> None:
+        path = self.run_dir / "last.pt"
+        if not path.is_file():
+            raise UserError(f"nothing to resume: {path} does not exist")
+        state = load_training_state(path)
+        changed = _recipe_changes(state["recipe"], self.recipe.as_dict())
+        if changed:
+            raise UserError(f"the recipe differs from the run being resumed in {', '.join(changed[:4])}; "
+                            "resume with the same recipe and overrides")
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], self.device)
+        self.start_epoch, self.best_acc1 = state["epoch"], state["best_acc1"]
+        if self.rank == 0:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.start_epoch)
+        _log(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+
+    # ------------------------------------------------------------------------- run
+
+    def run(self) -> list[dict]:
+        t = self.recipe.trainer
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.recipe.to_yaml(), self.run_dir / "recipe.yaml")
+        _log(f"training {self.spec.display_name} on {self.recipe.data.name} with {self.recipe.optimizer.name}: "
+             f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) on {self.device.type}, "
+             f"{t.precision}; output {self.run_dir}")
+        progress = _Progress(enabled=t.progress and self.rank == 0, total=len(self.train_loader))
+        for epoch in range(self.start_epoch, t.epochs):
+            self.sampler.set_epoch(epoch)
+            start = time.perf_counter()
+            progress.start(epoch, t.epochs)
+            try:
+                train = train_one_epoch(self.net, self.optimizer, self.scheduler, self.train_loader, self.settings,
+                                        epoch=epoch, log_every=t.log_every, on_progress=progress.update)
+            except NonFiniteLoss as exc:
+                progress.stop()
+                last = self.run_dir / "last.pt"
+                kept = f"the last good checkpoint is {last} (after epoch {epoch})" if last.exists() \
+                    else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"{exc}; stopped, {kept}. Lower optimizer.lr or set trainer.grad_clip") from None
+            progress.stop()
+            test = evaluate(self.net, self.test_loader, self.settings)
+            row = {"epoch": epoch + 1, **train, **test, "lr": self.optimizer.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - start}
+            if self.world > 1:
+                row["replicas_in_sync"] = self._replicas_in_sync()
+            self._end_epoch(epoch, row)
+            for hook in self.on_epoch_end:
+                hook(epoch, row)
+        if self.world > 1:
+            dist.barrier()
+        return read_metrics(self.run_dir / "metrics.jsonl") if self.rank == 0 else []
+
+    def _end_epoch(self, epoch: int, row: dict) -> None:
+        _log(f"epoch {row['epoch']}/{self.recipe.trainer.epochs}  train loss {row['train_loss']:.4f}  "
+             f"test loss {row['test_loss']:.4f}  top-1 {row['test_acc1']:.2f}%  top-5 {row['test_acc5']:.2f}%  "
+             f"lr {row['lr']:.3g}  {row['train_images_per_second']:.0f} img/s  {row['seconds']:.1f}s")
+        if self.rank != 0:
+            return
+        append_metrics(self.run_dir / "metrics.jsonl", row)
+        plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png", self.run_dir.name)
+        is_best = row["test_acc1"] > self.best_acc1
+        self.best_acc1 = max(self.best_acc1, row["test_acc1"])
+        state = dict(recipe=self.recipe.as_dict(), model_spec=self.spec.as_dict(), conversion=self.conversion,
+                     model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                     epoch=epoch + 1, best_acc1=self.best_acc1, device=self.device)
+        save_training_state(self.run_dir / "last.pt", **state)
+        if is_best:
+            save_training_state(self.run_dir / "best.pt", **state)
+
+    def _replicas_in_sync(self) -> bool:
+        prints = [None] * self.world
+        dist.all_gather_object(prints, model_fingerprint(self.model))
+        return len(set(prints)) == 1
+
+
+def _recipe_changes(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        path = prefix + (key,)
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _recipe_changes(a, b, path)
+        elif a != b and path not in _RESUME_FREE:
+            changed.append(".".join(path))
+    return changed
+
+
+class _Progress:
+    """A rich progress bar on rank 0 when stdout is a terminal; nothing otherwise (the per-epoch
+    summary line is printed either way)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled and sys.stdout.isatty()
+        self.total, self._progress, self._task = total, None, None
+
+    def start(self, epoch: int, epochs: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=self.total, stats="")
+
+    def update(self, iteration: int, stats: dict) -> None:
+        if self._progress is not None:
+            text = (f"loss {stats['loss']:.4f}  acc {stats['acc1']:.1f}%  lr {stats['lr']:.3g}  "
+                    f"{stats['img_s']:.0f} img/s")
+            self._progress.update(self._task, completed=iteration, stats=text)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,72 @@
+"""Recipe schema: validation messages, overrides, and every shipped recipe file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgdph_tools.errors import UserError
+from sgdph_tools.recipe import Recipe, load_recipe, parse_override, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    recipe = recipe_from_dict({"optimizer": {"name": "sgd", "lr": 1}},
+                              ["optimizer.lr=0.05", "trainer.epochs=3", "model.conversion.wn=true",
+                               "schedule.milestones=[1, 2]", "model.kwargs.drop_rate=0.1"])
+    assert isinstance(recipe, Recipe)
+    assert recipe.optimizer.lr == 0.05 and isinstance(recipe.optimizer.lr, float)
+    assert recipe.trainer.epochs == 3 and recipe.model.conversion.wn is True
+    assert recipe.schedule.milestones == [1, 2] and recipe.model.kwargs == {"drop_rate": 0.1}
+    assert recipe.trainer.batch_size == 128 and recipe.data.name == "digits"  # defaults
+    assert parse_override("trainer.name=my run") == ("trainer.name", "my run")
+
+
+@pytest.mark.parametrize(
+    "data,overrides,message",
+    [
+        ({"optimizer": {"lrr": 0.1}}, [], "unknown recipe key 'optimizer.lrr'; did you mean 'optimizer.lr'"),
+        ({"trainr": {}}, [], "unknown recipe key 'trainr'; did you mean 'trainer'"),
+        ({}, ["trainer.epochs=ten"], "recipe key 'trainer.epochs' must be an integer, got 'ten'"),
+        ({}, ["trainer.epochs=2.5"], "'trainer.epochs' must be an integer"),
+        ({}, ["model.conversion.wn=1"], "'model.conversion.wn' must be true/false"),
+        ({}, ["optimizer.name=sgdm"], "must be one of 'sgdph', 'sgd'.*did you mean 'sgd'"),
+        ({}, ["schedule.milestones=60"], "must be a list of an integer"),
+        ({}, ["trainer.grad_clip=abc"], "'trainer.grad_clip' must be a number or null"),
+        ({"model": "resnet18"}, [], "section 'model' must be a mapping"),
+        ({}, ["optimizer.lr"], "must look like section.key=value"),
+        ({}, ["trainer.epochs=0"], "'trainer.epochs' must be at least 1"),
+        ({}, ["data.name=cifar10"], "needs data.root"),
+        ({}, ["trainer.compile=true"], "engine=finite_difference"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_the_fix(data, overrides, message):
+    with pytest.raises(UserError, match=message):
+        recipe_from_dict(data, overrides)
+
+
+def test_load_recipe_file_errors(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_recipe(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("trainer: {seed: 3}\n")
+    assert load_recipe(good).trainer.name == "good-s3"  # default run name: file name and seed
+
+
+def test_a_resolved_recipe_round_trips():
+    recipe = recipe_from_dict({"optimizer": {"name": "adamw", "betas": [0.9, 0.99]}})
+    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith(f"# sgdph train {path.relative_to(ROOT).as_posix()}"), first_line
+    load_recipe(path)  # the dry run: full validation, nothing built

@@ -1,0 +1,126 @@
+"""The trainer end to end, on real data (scikit-learn's digits) and real models, on the CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgdph_tools.errors import UserError
+from sgdph_tools.recipe import load_recipe, recipe_from_dict
+from sgdph_tools.surgery.checkpoint import load_model
+from sgdph_tools.train import Trainer
+from sgdph_tools.train.loop import NonFiniteLoss
+from sgdph_tools.train.state import load_training_state
+
+ROOT = Path(__file__).resolve().parents[2]
+METRIC_KEYS = {"epoch", "train_loss", "test_loss", "test_acc1", "test_acc5", "lr", "seconds"}
+
+
+def small_recipe(tmp_path, *overrides, name="run"):
+    return recipe_from_dict({
+        "model": {"name": "small_cnn", "kwargs": {"drop_rate": 0.2}},
+        "data": {"name": "digits"},
+        "optimizer": {"name": "sgdph", "lr": 0.01, "weight_decay": 5e-3},
+        "schedule": {"name": "cosine"},
+        "trainer": {"epochs": 3, "batch_size": 64, "output_dir": str(tmp_path), "name": name, "progress": False},
+    }, list(overrides))
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_reaches_95_percent(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"trainer.output_dir={tmp_path}"])
+    rows = Trainer(recipe).run()
+    run = tmp_path / recipe.trainer.name
+    assert {p.name for p in run.iterdir()} >= {"recipe.yaml", "metrics.jsonl", "curves.png", "last.pt", "best.pt"}
+    assert len(rows) == recipe.trainer.epochs and METRIC_KEYS <= rows[-1].keys()
+    assert rows[-1]["test_acc1"] > 95.0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, recipe.trainer.epochs + 1))
+    # The checkpoint rebuilds the model (inspect/export read it), and best.pt holds the best epoch.
+    model, spec, _ = load_model(str(run / "best.pt"))
+    assert spec.name == "small_cnn" and load_training_state(run / "best.pt")["best_acc1"] == max(r["test_acc1"] for r in rows)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("options", [[], ["optimizer.engine=finite_difference", "optimizer.estimator=hutchinson"]],
+                         ids=["autograd-rowsum", "fd-hutchinson"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, options):
+    full = Trainer(small_recipe(tmp_path, *options, name="full")).run()
+
+    interrupted = Trainer(small_recipe(tmp_path, *options, name="cut"))
+
+    def stop_after_first_epoch(epoch, row):
+        if epoch == 0:
+            raise Interrupt
+
+    interrupted.on_epoch_end.append(stop_after_first_epoch)
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    assert load_training_state(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    resumed = Trainer(small_recipe(tmp_path, *options, name="cut"), resume=True).run()
+
+    def strip_timing(rows):
+        return [{k: v for k, v in r.items() if "second" not in k} for r in rows]
+
+    assert strip_timing(resumed) == strip_timing(full)  # every metric of every epoch, exactly
+    a = load_training_state(tmp_path / "full" / "last.pt")["state_dict"]
+    b = load_training_state(tmp_path / "cut" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_recipe_and_a_fresh_run_refuses_an_old_folder(tmp_path):
+    Trainer(small_recipe(tmp_path, "trainer.epochs=1")).run()
+    with pytest.raises(UserError, match="already holds a run: continue it with --resume"):
+        Trainer(small_recipe(tmp_path, "trainer.epochs=1"))
+    with pytest.raises(UserError, match="differs from the run being resumed in optimizer.lr"):
+        Trainer(small_recipe(tmp_path, "trainer.epochs=1", "optimizer.lr=0.5"), resume=True)
+    with pytest.raises(UserError, match="nothing to resume"):
+        Trainer(small_recipe(tmp_path, name="other"), resume=True)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(small_recipe(tmp_path, "optimizer.name=sgd", "optimizer.lr=0.05"))
+
+    def explode(epoch, row):  # after a good first epoch, make the weights infinite
+        with torch.no_grad():
+            trainer.model.fc.weight.fill_(float("inf"))
+
+    trainer.on_epoch_end.append(explode)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite in epoch 2.*last good checkpoint is .*last.pt \(after epoch 1\)"):
+        trainer.run()
+    state = load_training_state(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("options", [
+    ["trainer.precision=bf16"],
+    ["trainer.precision=fp16", "trainer.grad_clip=1.0"],
+    ["optimizer.name=adahessian", "optimizer.lr=0.1", "trainer.grad_clip=5.0"],
+    ["optimizer.name=apollo", "optimizer.lr=0.5"],
+    ["optimizer.engine=finite_difference", "trainer.compile=true", "trainer.channels_last=true"],
+], ids=["bf16", "fp16-clip", "adahessian", "apollo", "fd-compile"])
+def test_options_run(tmp_path, options):
+    rows = Trainer(small_recipe(tmp_path, "trainer.epochs=1", *options)).run()
+    assert rows[0]["test_acc1"] > 20.0  # well above chance (10%) after one epoch
+
+
+def test_a_converted_model_without_bn_trains_with_its_gammas_second_order(tmp_path):
+    recipe = recipe_from_dict({
+        "model": {"name": "vgg11_nobn", "conversion": {"wn": True}},
+        "data": {"name": "synthetic", "num_train": 64, "num_test": 32, "img_size": 32},
+        "optimizer": {"name": "sgdph", "lr": 0.01},
+        "trainer": {"epochs": 1, "batch_size": 32, "output_dir": str(tmp_path), "name": "wn", "progress": False},
+    })
+    trainer = Trainer(recipe)
+    second = trainer.optimizer.param_groups[0]
+    assert second["second_order"] and sum(n.endswith(".gamma") for n in second["param_names"]) == 9
+    trainer.run()
+    payload = load_training_state(tmp_path / "wn" / "last.pt")
+    assert len(payload["conversion"]["layers"]) == 9
+    model, _, conversion = load_model(str(tmp_path / "wn" / "last.pt"))  # rebuilt by name and conversion
+    assert torch.equal(model.features[0].gamma, payload["state_dict"]["features.0.gamma"])
