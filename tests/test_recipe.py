@@ -70,3 +70,19 @@ def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith(f"# sgdph train {path.relative_to(ROOT).as_posix()}"), first_line
     load_recipe(path)  # the dry run: full validation, nothing built
+
+
+def test_docs_document_every_key():
+    import dataclasses
+
+    from sgdph_tools.recipe import ConversionCfg, DataCfg, ModelCfg, OptimizerCfg, ScheduleCfg, TrainerCfg
+
+    doc = (ROOT / "docs" / "training.md").read_text()
+    for section, cls in (("model", ModelCfg), ("data", DataCfg), ("optimizer", OptimizerCfg),
+                         ("schedule", ScheduleCfg), ("trainer", TrainerCfg)):
+        assert f"## `{section}`" in doc
+        for f in dataclasses.fields(cls):
+            if f.name != "conversion":
+                assert f"`{f.name}`" in doc, f"{section}.{f.name} is not documented in docs/training.md"
+    for f in dataclasses.fields(ConversionCfg):
+        assert f"`conversion.{f.name}`" in doc
