@@ -10,10 +10,11 @@
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from ._classifier import PooledClassifier
 
 __all__ = ["CifarVGG"]
 
@@ -42,7 +43,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(PooledClassifier):
     """VGG for 32x32 inputs: conv3x3(-BN)-ReLU stages with max-pooling, global average pooling,
     dropout and a linear classifier on the 512 features. Follows timm's classifier interface."""
 
@@ -63,34 +64,12 @@ class CifarVGG(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             chans = v
         self.features = nn.Sequential(*layers)
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = chans
-        self.drop_rate = drop_rate
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(chans, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(chans, num_classes, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cifar_resnet(variant: str, pretrained: bool, **kwargs) -> ResNet:

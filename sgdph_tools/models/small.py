@@ -1,14 +1,14 @@
 """A small conv-BN network for tiny images (scikit-learn's 8x8 digits, smoke tests).
 
 Registered with timm, so ``timm.create_model("small_cnn", num_classes=10, in_chans=1)`` builds it.
-It follows timm's classifier interface: ``forward_features``, ``forward_head``,
-``get_classifier``, ``reset_classifier``, ``num_classes``, ``num_features``, ``pretrained_cfg``.
+It follows timm's classifier interface (see ``_classifier.py``).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ._classifier import PooledClassifier
 
 __all__ = ["SmallCNN"]
 
@@ -21,39 +21,18 @@ def _conv_bn_relu(in_chs: int, out_chs: int, stride: int) -> nn.Sequential:
     )
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(PooledClassifier):
     """Three conv-BN-ReLU stages (width, 2·width, 4·width; the last two with stride 2), global
     average pooling and a linear classifier."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32, drop_rate: float = 0.0):
         super().__init__()
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = 4 * width
         self.features = nn.Sequential(
             _conv_bn_relu(in_chans, width, 1),
             _conv_bn_relu(width, 2 * width, 2),
             _conv_bn_relu(2 * width, 4 * width, 2),
         )
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self._init_head(4 * width, num_classes, drop_rate)
 
 
 default_cfgs = generate_default_cfgs({
