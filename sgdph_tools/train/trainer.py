@@ -39,9 +39,9 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; initialises the process group
-    (NCCL on GPUs, gloo on CPUs) when there is more than one process."""
+def init_distributed() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, created) from torchrun's environment; initialises the process
+    group (NCCL on GPUs, gloo on CPUs) when there is more than one process and none exists yet."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -49,7 +49,8 @@ def init_distributed() -> tuple[int, int, int]:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
-    return rank, world, local_rank
+        return rank, world, local_rank, True
+    return rank, world, local_rank, False
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -64,7 +65,7 @@ def model_fingerprint(model: nn.Module) -> str:
 class Trainer:
     def __init__(self, recipe: Recipe, *, resume: bool = False):
         self.recipe, t = recipe, recipe.trainer
-        self.rank, self.world, local_rank = init_distributed()
+        self.rank, self.world, local_rank, self._owns_process_group = init_distributed()
         if t.device == "cuda" and not torch.cuda.is_available():
             raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
         use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
@@ -119,8 +120,8 @@ class Trainer:
         # plain module whose state_dict is saved.
         self.net: nn.Module = self.model
         if self.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if use_cuda else None, broadcast_buffers=True)
+            # DDP's default re-broadcasts rank 0's buffers (BatchNorm statistics) at every forward.
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if use_cuda else None)
         if t.compile:
             self.net = torch.compile(self.net)
         self.on_epoch_end: list[Callable[[int, dict], None]] = []  # hooks (tests use them to interrupt)
@@ -150,6 +151,14 @@ class Trainer:
     # ------------------------------------------------------------------------- run
 
     def run(self) -> list[dict]:
+        try:
+            return self._run()
+        finally:
+            # A gloo process that exits with its process group alive can abort at exit.
+            if self._owns_process_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _run(self) -> list[dict]:
         t = self.recipe.trainer
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ class Trainer:
             for hook in self.on_epoch_end:
                 hook(epoch, row)
         if self.world > 1:
-            dist.barrier()
+            dist.barrier()  # every rank finished: rank 0's files are complete
         return read_metrics(self.run_dir / "metrics.jsonl") if self.rank == 0 else []
 
     def _end_epoch(self, epoch: int, row: dict) -> None:
