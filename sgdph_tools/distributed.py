@@ -37,3 +37,11 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         flat.div_(n)
         for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.copy_(reduced)
+
+
+@torch.no_grad()
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place across all processes (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor

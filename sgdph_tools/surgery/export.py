@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..models.factory import ModelSpec, create_model
-from .rewrite import _eval_output, bake_model, example_input_for, verify_outputs
+from .rewrite import eval_output, bake_model, example_input_for, verify_outputs
 
 
 def export_plain(model: nn.Module, spec: ModelSpec, img_size: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
@@ -22,7 +22,7 @@ def export_plain(model: nn.Module, spec: ModelSpec, img_size: int | None = None)
     """
     img_size = img_size or spec.kwargs.get("img_size") or spec.kwargs.get("image_size")
     x = example_input_for(model, img_size)
-    expected = _eval_output(model, x)
+    expected = eval_output(model, x)
     state_dict = bake_model(copy.deepcopy(model)).state_dict()
     plain = create_model(spec)
     plain_keys = set(plain.state_dict())
@@ -44,4 +44,4 @@ def export_plain(model: nn.Module, spec: ModelSpec, img_size: int | None = None)
     for key in extra:  # zero biases of layers that had none
         del state_dict[key]
     plain.load_state_dict(state_dict, strict=True)
-    return state_dict, verify_outputs(expected, _eval_output(plain, x))
+    return state_dict, verify_outputs(expected, eval_output(plain, x))

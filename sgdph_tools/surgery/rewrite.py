@@ -104,7 +104,8 @@ def example_input_for(model: nn.Module, img_size: int | None = None, batch: int 
 
 
 @torch.no_grad()
-def _eval_output(model: nn.Module, x: torch.Tensor):
+def eval_output(model: nn.Module, x: torch.Tensor):
+    """The model's eval-mode output on ``x`` (no grad); the training flag is restored."""
     was_training = model.training
     model.eval()
     try:
@@ -170,7 +171,7 @@ def convert(
     stripped = strip_norms(model) if strip_norm else []
     if verify and example_input is None:
         example_input = example_input_for(model)
-    before = _eval_output(model, example_input) if verify else None
+    before = eval_output(model, example_input) if verify else None
 
     analysis = analyse(model)
     forced = set(layers) if layers is not None else None
@@ -209,7 +210,7 @@ def convert(
         trace_error=analysis.trace_error, notes=analysis.notes, stripped_norms=stripped,
     )
     if verify:
-        result.max_abs_error = verify_outputs(before, _eval_output(model, example_input))
+        result.max_abs_error = verify_outputs(before, eval_output(model, example_input))
         result.input_shape = list(example_input.shape)
     return model, result
 

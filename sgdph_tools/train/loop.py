@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -89,28 +88,25 @@ def _to_device(batch, s: StepSettings):
     return x, y.to(s.device, non_blocking=True)
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if distributed.world_size() > 1:
-        dist.all_reduce(values)
-    return values
-
-
 def train_one_epoch(model, optimizer, scheduler, loader, s: StepSettings, *, epoch: int, log_every: int,
                     on_progress: Callable[[int, dict], None] | None = None) -> dict:
     """Train for one epoch; returns train_loss, train_acc1 (percent) and images per second, reduced
     over processes. Raises NonFiniteLoss as soon as the loss is inf or NaN (checked every
     ``log_every`` iterations, where the running sums are read anyway)."""
     model.train()
-    totals = torch.zeros(3, device=s.device, dtype=torch.float64)  # loss sum, correct, count
+    # Running sums stay on the device (no sync per iteration); the count is known on the host.
+    totals = torch.zeros(2, device=s.device, dtype=torch.float64)  # loss sum, correct
+    count = 0
     start = time.perf_counter()
     for i, batch in enumerate(loader, 1):
         x, y = _to_device(batch, s)
         loss, logits = train_step(model, optimizer, x, y, s)
         scheduler.step()
-        n = y.numel()
-        totals += torch.stack([loss.double() * n, (logits.argmax(1) == y).sum().double(), torch.tensor(n, device=s.device, dtype=torch.float64)])
+        count += y.numel()
+        totals[0] += loss.double() * y.numel()
+        totals[1] += (logits.argmax(1) == y).sum()
         if i % log_every == 0 or i == len(loader):
-            loss_sum, correct, count = totals.tolist()
+            loss_sum, correct = totals.tolist()
             if not torch.isfinite(torch.tensor(loss_sum)):
                 raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}, iteration {i}")
             if on_progress is not None:
@@ -118,7 +114,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, s: StepSettings, *, epo
                                 "lr": optimizer.param_groups[0]["lr"],
                                 "img_s": count * distributed.world_size() / (time.perf_counter() - start)})
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = _all_reduce_sum(totals).tolist()
+    totals = torch.cat([totals, torch.tensor([float(count)], device=s.device, dtype=torch.float64)])
+    loss_sum, correct, count = distributed.all_reduce_sum_(totals).tolist()
     return {"train_loss": loss_sum / count, "train_acc1": 100 * correct / count,
             "train_images_per_second": count / seconds, "train_seconds": seconds}
 
@@ -135,7 +132,9 @@ def evaluate(model, loader, s: StepSettings) -> dict:
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]
-        totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               torch.tensor(y.numel(), device=s.device, dtype=torch.float64)])
-    loss_sum, top1, top5, count = _all_reduce_sum(totals).tolist()
+        totals[0] += loss.double()
+        totals[1] += hits[:, 0].sum()
+        totals[2] += hits.any(1).sum()
+        totals[3] += y.numel()
+    loss_sum, top1, top5, count = distributed.all_reduce_sum_(totals).tolist()
     return {"test_loss": loss_sum / count, "test_acc1": 100 * top1 / count, "test_acc5": 100 * top5 / count}
