@@ -102,22 +102,71 @@ class ForwardReplay:
         self._rng = self._rng_state()
         return _scalar_loss(self.loss_fn())
 
-    def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """Replay the loss and return its gradients w.r.t. ``inputs`` (zeros where unused).
+    @contextlib.contextmanager
+    def replaying(self):
+        """The block runs with the RNG as ``first()`` found it and every buffer restored after it.
 
-        Forward and backward both run inside the block that restores the buffers: BatchNorm saves
-        its running statistics for backward, so they may only be put back after it.
+        Forward and backward must both run inside: BatchNorm saves its running statistics for
+        backward, so they may only be put back after it.
         """
         if self._rng is None:
-            raise RuntimeError("ForwardReplay.again_grad() called before first()")
+            raise RuntimeError(f"{type(self).__name__}: replay requested before first()")
         after_first = self._rng_state()
         try:
             self._set_rng_state(self._rng)
             with module_buffers_restored(self.buffers), torch.enable_grad():
-                loss = _scalar_loss(self.loss_fn())
-                return torch.autograd.grad(loss, inputs, materialize_grads=True)
+                yield
         finally:
             self._set_rng_state(after_first)
+
+    def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """Replay the loss and return its gradients w.r.t. ``inputs`` (zeros where unused)."""
+        with self.replaying():
+            loss = _scalar_loss(self.loss_fn())
+            return torch.autograd.grad(loss, inputs, materialize_grads=True)
+
+
+class ClosureReplay(ForwardReplay):
+    """The same for a standard ``torch.optim`` closure (it zeroes the grads, runs forward and
+    backward, returns the loss), as ``torch.optim.LBFGS`` re-evaluates one.
+
+    ``again_grad(inputs)`` sets the real gradients of ``params`` aside (the closure would zero or
+    overwrite them), calls the closure again and reads the gradients of ``inputs`` from ``.grad``,
+    then puts the real gradients back. With ``cheap=True`` every other parameter has
+    ``requires_grad`` switched off during the call, so the backward computes only what is read
+    (no weight gradients of the convolutions); switch it off where that is unsafe (a DDP reducer
+    that expects every gradient, a compiled model that would recompile). ``sync`` is entered around
+    the call (e.g. ``DistributedDataParallel.no_sync``).
+    """
+
+    def __init__(self, closure: Callable[[], object], params: Sequence[Tensor], devices: Iterable[torch.device] = (),
+                 buffers: Sequence[Tensor] = (), *, cheap: bool = True,
+                 sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        super().__init__(closure, devices, buffers)  # type: ignore[arg-type]
+        self.params, self.cheap, self.sync = list(params), cheap, sync
+
+    def first(self):
+        self._rng = self._rng_state()
+        with self.sync(), torch.enable_grad():
+            return self.loss_fn()
+
+    def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        wanted = {id(t) for t in inputs}
+        saved = [p.grad for p in self.params]
+        switched = [p for p in self.params if self.cheap and p.requires_grad and id(p) not in wanted]
+        try:
+            for p in self.params:
+                p.grad = None
+            for p in switched:
+                p.requires_grad_(False)
+            with self.replaying(), self.sync():
+                self.loss_fn()
+            return tuple(t.grad.detach() if t.grad is not None else torch.zeros_like(t) for t in inputs)
+        finally:
+            for p in switched:
+                p.requires_grad_(True)
+            for p, g in zip(self.params, saved):
+                p.grad = g
 
 
 def _scalar_loss(loss) -> Tensor:
@@ -301,3 +350,31 @@ def partial_hessian(
             hvp = FiniteDifferenceHVP(replay, params, [g.detach() for g in grads])
         result = estimate(estimator, hvp, params, range(len(params)), generator)
     return [h.detach() for h in result]
+
+
+# ----------------------------------------------------------------------------- double backward helpers
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """A context in which ``scaled_dot_product_attention`` takes its math path, which (unlike the
+    fused kernels timm's transformers select) has a double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def no_double_backward_error(error: RuntimeError) -> RuntimeError | None:
+    """A one-line error naming the fix when ``error`` says an op has no double backward, else None."""
+    text = str(error)
+    if not ("derivative for" in text and "not implemented" in text):
+        return None
+    op = text.split("derivative for", 1)[1].split("is not implemented", 1)[0].strip()
+    attention = "attention" in op
+    fix = (
+        "fused attention has no double backward: set TIMM_FUSED_ATTN=0 before importing timm, or run the "
+        "forward under torch.nn.attention.sdpa_kernel(SDPBackend.MATH), or let the optimizer run it "
+        "(optimizer.step(closure) or step(loss_fn=...) pick the math attention themselves)"
+        if attention
+        else "use engine='finite_difference', which needs no double backward"
+    )
+    return RuntimeError(f"SGD-PH's autograd engine needs a double backward, which {op} does not have; {fix}")

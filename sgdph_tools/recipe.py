@@ -63,6 +63,7 @@ class OptimizerCfg:
     estimator: Literal["rowsum", "hutchinson", "diagonal"] = "rowsum"
     engine: Literal["autograd", "finite_difference"] = "autograd"
     hessian_every: int = 1
+    authors_code: bool = False  # the authors' released update rule, step for step (docs/algorithm.md)
     second_order_kinds: list[str] | None = None  # None: every channel-wise 1-D kind
     kwargs: dict[str, Any] = field(default_factory=dict)  # anything else the optimizer takes
 
@@ -230,6 +231,9 @@ def _check_semantics(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'schedule.milestones' must be increasing, got {s.milestones}")
     if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
         raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
+    if o.authors_code and (o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None):
+        raise UserError("optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, "
+                        "hessian_every=1 and chooses its own parameters (drop optimizer.second_order_kinds)")
     if t.compile and (o.name == "adahessian" or (o.name == "sgdph" and o.engine == "autograd")):
         raise UserError(
             "trainer.compile=true needs an optimizer without double backward, which torch.compile cannot "

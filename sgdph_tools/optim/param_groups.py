@@ -1,15 +1,24 @@
-"""Optimizer parameter groups built from the parameter tags.
+"""Which parameters take SGD-PH's Newton-type step: the one place that decides.
 
-``sgdph_param_groups(model)`` returns two groups for :class:`~sgdph_tools.SGDPH`, one with
-``second_order=True`` (the channel-wise 1-D parameters) and one with ``second_order=False``; the
-classifier bias stays first-order (see :mod:`sgdph_tools.tagging`). It fits timm's factory too:
-``create_optimizer_v2(model, "sgdph", param_group_fn=sgdph_param_groups)``.
+Every param group of :class:`~sgdph_tools.SGDPH` carries a ``second_order`` flag, set here:
+
+- ``sgdph_param_groups(model)`` sets it from the parameter tags (:mod:`sgdph_tools.tagging`): the
+  channel-wise 1-D parameters are second-order, the classifier bias is not. It fits timm's factory
+  too: ``create_optimizer_v2(model, "sgdph", param_group_fn=sgdph_param_groups)``.
+- Groups without the flag -- ``model.parameters()``, timm's weight-decay / no-weight-decay groups,
+  layer-decay groups -- are split by the authors' rule (:func:`second_order_groups`): a parameter is
+  second-order when it is 1-D, except the LAST 1-D parameter over all such groups, which is normally
+  the classifier bias (its ``H·1`` is exactly zero under softmax cross-entropy).
+
+The optimizer reads the flags and decides nothing else.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch.nn as nn
+from torch import Tensor
 
 from ..tagging import CHANNELWISE_KINDS, KINDS, SECOND_ORDER, WEIGHT, tag_parameters
 
@@ -66,3 +75,46 @@ def sgdph_param_groups(
         if tensors:
             groups.append({"params": tensors, "second_order": is_second_order, "param_names": names})
     return groups
+
+
+def second_order_groups(params: Iterable[Any], *, authors_code: bool = False) -> list[dict[str, Any]]:
+    """Give every param group a ``second_order`` flag; groups without one are split by the authors'
+    rule (1-D parameters are second-order, except the last 1-D parameter over all such groups).
+
+    ``params`` is what a ``torch.optim`` optimizer accepts: tensors, ``(name, tensor)`` pairs or
+    dicts. The relative order of the 1-D parameters is kept (the authors' round robin follows it).
+    With ``authors_code=True`` every group must be left to the rule, as the authors' code decides by
+    ``ndim`` alone.
+    """
+    groups = list(params)
+    if not groups:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [dict(g, params=[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])) for g in groups]
+    if authors_code and any("second_order" in g for g in groups):
+        raise ValueError(
+            "authors_code=True chooses the second-order parameters by the authors' rule (ndim == 1): pass "
+            "model.parameters() or groups without a 'second_order' key (not sgdph_param_groups)"
+        )
+
+    def tensor(p):  # torch also accepts (name, tensor) pairs
+        return p[1] if isinstance(p, tuple) else p
+
+    undecided = [g for g in groups if "second_order" not in g]
+    one_d = [(id(g), i) for g in undecided for i, p in enumerate(g["params"]) if tensor(p).ndim == 1]
+    last = one_d[-1] if one_d else None
+    decided = []
+    for g in groups:
+        if "second_order" in g:
+            decided.append(g)
+            continue
+        flags = [tensor(p).ndim == 1 and (id(g), i) != last for i, p in enumerate(g["params"])]
+        for flag in (True, False):
+            picked = [i for i, f in enumerate(flags) if f == flag]
+            if picked:
+                part = dict(g, params=[g["params"][i] for i in picked], second_order=flag)
+                if "param_names" in g:
+                    part["param_names"] = [g["param_names"][i] for i in picked]
+                decided.append(part)
+    return decided

@@ -1,12 +1,17 @@
-"""SGD with Partial Hessian (SGD-PH), in the style of ``torch/optim/sgd.py``."""
+"""SGD with Partial Hessian (SGD-PH), in the style of ``torch/optim/sgd.py``: the :class:`SGDPH` class
+gathers gradients, curvature estimates and state, and calls the functional :func:`sgdph`."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd as sgd_functional
 
 from .. import distributed
@@ -15,22 +20,36 @@ from ..hessian import (
     ESTIMATORS,
     HVP,
     AutogradHVP,
+    ClosureReplay,
     FiniteDifferenceHVP,
     ForwardReplay,
     check_choice,
     estimate,
+    math_attention,
+    no_double_backward_error,
 )
+from .param_groups import second_order_groups
 
-__all__ = ["SGDPH"]
+__all__ = ["SGDPH", "sgdph"]
 
-# Key of the optimizer-wide entry in ``optimizer.state`` (torch's state_dict keeps non-parameter
-# keys as they are): the step count and the Hutchinson generator's state.
-SCHEDULE_KEY = "sgdph"
+#: Settings that hold for the whole optimizer (one engine per step; Hutchinson probes every tensor
+#: at once). They sit in every param group, so they travel with ``state_dict()``; all groups agree.
+OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "authors_code", "seed")
 
 _MISSING_GRAPH = (
-    "SGDPH needs the gradient graph of the second-order parameters to estimate their Hessian: "
-    "call loss.backward(create_graph=True) before optimizer.step(), or let the optimizer run the "
-    "backward pass itself with optimizer.step(loss_fn=fn), fn() returning the loss"
+    "SGDPH needs the gradient graph of the second-order parameters to estimate their Hessian: call "
+    "loss.backward(create_graph=optimizer.is_second_order) before optimizer.step() (or in the closure), "
+    "or let the optimizer run the backward itself with optimizer.step(loss_fn=fn)"
+)
+_NEEDS_CLOSURE = (
+    "engine='finite_difference' re-evaluates the loss at a perturbed point: call optimizer.step(closure) "
+    "with a standard closure (zero the grads, forward, loss.backward(), return the loss), or "
+    "optimizer.step(loss_fn=fn), fn() returning the loss without calling backward"
+)
+_DDP_DOUBLE_BACKWARD = (
+    "DistributedDataParallel cannot run backward(create_graph=True): pass model=<the DDP module> to SGDPH "
+    "(the optimizer then runs the closure under no_sync() and averages the gradients itself), or call "
+    "optimizer.step(loss_fn=fn), or use engine='finite_difference'"
 )
 
 
@@ -43,11 +62,10 @@ class SGDPH(Optimizer):
                second-order flag per param group, estimator, hessian_every (k)
         for t = 1, 2, ...:
             g ← ∇L(θ)
-            buf ← g                       if t is the param's first step or β = 0
-                  β·buf + g               otherwise                   (no dampening)
             first-order params:  exactly torch.optim.SGD(lr=γ, momentum=β, weight_decay=λ):
                 buf ← β·buf + (g + λθ);  θ ← θ - γ·buf                 (coupled weight decay)
             second-order params (buf holds gradients only):
+                buf ← g  (first step)       buf ← β·buf + g               (no dampening)
                 if (t - 1) mod k = 0 and the param is refreshed at this step:
                     h ← estimator's H-estimate at the current θ, before the update
                     D ← α·D + (1 - α)·|h|;   n ← n + 1                 (D = 0, n = 0 initially)
@@ -59,57 +77,71 @@ class SGDPH(Optimizer):
     order: frozen or unused tensors are skipped without breaking the cycle); ``hutchinson``
     refreshes all of them with one HVP. A step is refreshing when ``(t - 1) % hessian_every == 0``.
 
-    Which params are second-order: each param group carries ``second_order`` (True/False);
-    :func:`~sgdph_tools.sgdph_param_groups` builds the groups from the parameter tags and keeps the
-    classifier bias first-order. For plain params (groups without the key) the authors' rule is
-    used: ``ndim == 1`` params are second-order except the LAST one, which is normally the
-    classifier bias. Why it matters: under softmax cross-entropy the classifier bias has
-    ``H·1 = 0`` exactly (as has a bias that feeds a BatchNorm), so its ``rowsum`` estimate is zero
-    and its step would be ``τ/ε`` (10x with the defaults) times SGD's.
+    ``authors_code=True`` follows the authors' released ``sgdph.py`` instead, step for step: the
+    second-order parameters are the 1-D ones by ``ndim`` (the last one takes an SGD step), the round
+    robin has period M = the number of 1-D parameters (the step that would refresh the last one
+    refreshes nothing), the Hessian EMA uses the momentum β, and ε sits inside their approximate bias
+    correction: ``θ ← θ - γ·(τ·buf·c / (D + ε) + λθ)`` with ``c = 1 - β^(⌊t/M⌋+1)``, also before the
+    first refresh. ``docs/algorithm.md`` lists every difference and what it changes.
+
+    Which params are second-order is decided in one place, :mod:`sgdph_tools.optim.param_groups`:
+    each param group carries ``second_order``; groups without it (plain parameters, timm's
+    weight-decay groups) are split by the authors' rule, 1-D params except the last one.
 
     Args:
-        params: parameters or param groups (a group may set ``second_order`` and any of the
-            hyperparameters below).
+        params: parameters or param groups (a group may set ``second_order`` and any per-group
+            hyperparameter: lr, momentum, weight_decay, so_lr, hessian_momentum, eps, foreach).
         lr: learning rate γ (default 0.1, the authors' default; the paper used 0.01 on CIFAR).
         momentum: momentum β of the gradient buffer (default 0.9).
         weight_decay: λ, coupled for first-order params, added after preconditioning for
             second-order params (default 0).
         so_lr: second-order learning rate τ (default 1e-3).
-        hessian_momentum: α of the Hessian EMA (default 0.9).
+        hessian_momentum: α of the Hessian EMA (default 0.9; ``authors_code`` uses β).
         eps: ε added to the bias-corrected Hessian EMA (default 1e-4).
         estimator: ``"rowsum"`` (the paper's ``H_kk·1``), ``"hutchinson"`` (``z ⊙ Hz``, unbiased
             for the true diagonal) or ``"diagonal"`` (exact; one HVP per element: diagnostics).
         engine: ``"autograd"`` (double backward) or ``"finite_difference"`` (one extra forward and
-            a 1-D-only backward, no ``create_graph``; needs ``step(loss_fn=...)``).
+            a 1-D-only backward, no ``create_graph``; needs a closure or ``loss_fn``).
         hessian_every: refresh the Hessian every k steps (default 1).
-        seed: seed of the Hutchinson probe vectors (offset by the process rank under DDP).
-        foreach: use the multi-tensor (``torch._foreach_*``) update; default: on CUDA.
-        buffers: module buffers (BatchNorm statistics) to put back after the finite-difference
-            engine's extra forward; only needed for a ``torch.compile``'d model -- eager modules'
-            buffers are found by a global forward hook (``model.buffers()`` is always safe to pass).
+        authors_code: reproduce the authors' update rule (see above).
+        seed: seed of the Hutchinson probes; the probes of step t on rank r are a function of
+            (seed, r, t) alone, so there is no generator state to save.
+        foreach: use the multi-tensor (``torch._foreach_*``) update; default: on CUDA, as torch.
+        model: the module the closure or loss function runs (optional). Give it when that module is
+            wrapped in ``DistributedDataParallel`` (the optimizer then runs closures under
+            ``no_sync()`` and averages gradients itself, which is what lets the autograd engine work
+            under DDP) or compiled with ``torch.compile`` (compiled modules hide their buffers from
+            the global hook that restores BatchNorm statistics after an extra forward).
 
-    Usage A (the paper's)::
+    ``estimator``, ``engine``, ``hessian_every``, ``authors_code`` and ``seed`` are optimizer-wide:
+    they are stored in every param group, so ``state_dict()`` carries them, and on
+    ``load_state_dict`` the checkpoint's values win (with a warning when they differ).
 
+    Usage (``docs/algorithm.md`` says which to use when)::
+
+        # A, a standard loop (timm's train.py): create_graph for the autograd engine
         loss = criterion(model(x), y)
-        loss.backward(create_graph=True)          # engine="autograd"
+        loss.backward(create_graph=optimizer.is_second_order)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    Usage B (the optimizer runs every backward pass itself, asking for exactly the gradients it
-    needs; required for ``engine="finite_difference"``)::
+        # a closure, as torch.optim.LBFGS takes one: every engine
+        def closure():
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward(create_graph=optimizer.is_second_order)
+            return loss
+        optimizer.step(closure)
 
-        optimizer.step(loss_fn=lambda: criterion(model(x), y))    # fn: forward only, no backward
+        # B, the optimizer runs every backward itself (fn: forward only, no backward): every
+        # engine, DDP without model=, AMP and clipping inside the step
+        optimizer.step(loss_fn=lambda: criterion(model(x), y))
 
-    ``step(closure)`` keeps torch's meaning (the closure zeroes the grads, calls backward and
-    returns the loss). In usage B the optimizer zeroes the grads of its params first, computes them
-    with ``torch.autograd.grad`` (so DDP's reducer is bypassed) and averages them across processes
-    itself; the Hessian estimate is averaged across processes in every usage, so replicas never
-    drift. With AMP, pass the GradScaler: usage A ``scaler.step(optimizer, grad_scaler=scaler)``,
-    usage B ``optimizer.step(loss_fn=fn, grad_scaler=scaler)``; then ``scaler.update()``. The HVP
-    of a scaled loss is scaled too, and the optimizer divides it by the scale.
-
-    Departures from the paper and from the authors' code are listed in ``docs/algorithm.md``.
+    With AMP, ``scaler.step(optimizer)`` works as with any optimizer (GradScaler hands itself to
+    ``step``; the HVP of a scaled loss is divided by the scale); in usage B pass
+    ``step(loss_fn=fn, grad_scaler=scaler)``. Then ``scaler.update()``.
     """
+
+    _step_supports_amp_scaling = True  # GradScaler.step passes itself: the HVP needs its scale
 
     def __init__(
         self,
@@ -124,9 +156,10 @@ class SGDPH(Optimizer):
         estimator: str = "rowsum",
         engine: str = "autograd",
         hessian_every: int = 1,
+        authors_code: bool = False,
         seed: int = 0,
         foreach: bool | None = None,
-        buffers: Iterable[Tensor] = (),
+        model: nn.Module | None = None,
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("so_lr", so_lr)):
             if not value >= 0.0:
@@ -139,100 +172,170 @@ class SGDPH(Optimizer):
             raise ValueError(f"invalid hessian_every: {hessian_every} (must be an integer >= 1)")
         check_choice("estimator", estimator, ESTIMATORS)
         check_choice("engine", engine, ENGINES)
-        self.estimator, self.engine = estimator, engine
-        self.hessian_every, self.seed = hessian_every, seed
-        self.buffers = list(buffers)  # restored after the finite-difference engine's extra forwards
-        self._generator: torch.Generator | None = None
+        if authors_code:
+            if estimator != "rowsum" or hessian_every != 1:
+                raise ValueError("authors_code=True is the authors' rule: estimator='rowsum', hessian_every=1")
+            if not 0.0 < momentum < 1.0:
+                raise ValueError("authors_code=True needs 0 < momentum < 1 (their Hessian EMA uses it)")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (the one the closure runs), got {type(model).__name__}")
+        self.model = model
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr,
-            hessian_momentum=hessian_momentum, eps=eps, foreach=foreach,
+            lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum,
+            eps=eps, foreach=foreach, estimator=estimator, engine=engine, hessian_every=hessian_every,
+            authors_code=bool(authors_code), seed=seed,
         )
-        super().__init__(_decide_second_order(params), defaults)
+        super().__init__(second_order_groups(params, authors_code=authors_code), defaults)
+
+    # ------------------------------------------------------------------------- settings
+
+    @property
+    def estimator(self) -> str:
+        return self.param_groups[0]["estimator"]
+
+    @property
+    def engine(self) -> str:
+        return self.param_groups[0]["engine"]
+
+    @property
+    def hessian_every(self) -> int:
+        return self.param_groups[0]["hessian_every"]
+
+    @property
+    def authors_code(self) -> bool:
+        return self.param_groups[0]["authors_code"]
 
     @property
     def is_second_order(self) -> bool:
-        """timm's convention: True when the caller must run ``backward(create_graph=True)``."""
+        """timm's convention: True when the caller's backward must keep the graph (``create_graph``)."""
         return self.engine == "autograd"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "second_order" in param_group:
-            super().add_param_group(param_group)
-        else:  # a group added later without the flag: the same rule, applied to this group alone
-            for group in _decide_second_order([param_group]):
-                super().add_param_group(group)
+        for key in OPTIMIZER_WIDE:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(f"{key} is optimizer-wide: a param group cannot set {key}={param_group[key]!r} "
+                                 f"(the optimizer's is {self.defaults[key]!r})")
+        groups = [param_group] if "second_order" in param_group else second_order_groups([param_group])
+        for group in groups:
+            super().add_param_group(group)
+            self._init_state(group)
+
+    def _init_state(self, group: dict[str, Any]) -> None:
+        """Create the state eagerly, as a step would: torch.distributed.checkpoint builds its load
+        template from a fresh optimizer's state (and would otherwise call ``step()`` with zero
+        gradients and no graph to create it). A zero momentum buffer gives exactly the lazy one's
+        first value, β·0 + g = g."""
+        for p in group["params"]:
+            if group["momentum"] != 0 and p.requires_grad and "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["second_order"]:
+                self._second_order_state(p)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, plus: the checkpoint's optimizer-wide settings replace the constructor's (with a
+        warning naming them), and checkpoints of sgdph-tools 0.1 (an ``"sgdph"`` state entry) load."""
+        constructed = {k: self.defaults[k] for k in OPTIMIZER_WIDE}
+        super().load_state_dict(_upgrade_state_dict(state_dict))
+        for group in self.param_groups:
+            for key, value in constructed.items():
+                group.setdefault(key, value)
+        loaded = {k: self.param_groups[0][k] for k in OPTIMIZER_WIDE}
+        if any(g[k] != loaded[k] for g in self.param_groups for k in OPTIMIZER_WIDE):
+            raise ValueError("the state dict's param groups disagree on an optimizer-wide setting "
+                             f"({', '.join(OPTIMIZER_WIDE)})")
+        changed = [f"{k}={loaded[k]!r} (was {v!r})" for k, v in constructed.items() if loaded[k] != v]
+        if changed:
+            warnings.warn(f"SGDPH.load_state_dict: the checkpoint's settings replace the constructor's: {', '.join(changed)}",
+                          stacklevel=2)
+        self.defaults.update(loaded)
+
+    def _second_order_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)  # as torch's Adam: a CPU scalar tensor per parameter
+        if "hessian_ema" not in state:
+            state["hessian_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian_refreshes"] = 0
+        return state
+
+    def _steps_taken(self) -> int:
+        """The optimizer's step count: the largest per-parameter count of the second-order params."""
+        steps = [self.state[p]["step"] for g in self.param_groups if g["second_order"] for p in g["params"]
+                 if "step" in self.state.get(p, {})]
+        return int(max(float(s) for s in steps)) if steps else 0
 
     # ------------------------------------------------------------------------- step
 
     def step(
         self,
-        closure: Callable[[], Tensor] | None = None,
+        closure: Callable[[], Any] | None = None,
         *,
         loss_fn: Callable[[], Tensor] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
     ) -> Tensor | None:
-        """One optimization step. See the class docstring for the two usages.
+        """One optimization step. See the class docstring for the three usages.
 
-        ``max_grad_norm`` (usage B): clip the total gradient norm after the gradients are computed,
-        averaged across processes and unscaled -- the caller cannot, since they appear inside step.
-        The Hessian estimate is not clipped.
+        ``max_grad_norm`` (closure or ``loss_fn``): clip the total gradient norm after the
+        gradients are computed, averaged across processes and unscaled -- a caller cannot, since
+        they appear inside ``step``. The Hessian estimate is not clipped.
         """
         if closure is not None and loss_fn is not None:
             raise ValueError("pass either a closure (which calls backward) or loss_fn (which does not), not both")
-        if loss_fn is None and self.engine == "finite_difference":
-            raise RuntimeError(
-                "engine='finite_difference' runs its own forward passes: call "
-                "optimizer.step(loss_fn=fn), fn() returning the loss without calling backward"
-            )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        schedule = self.state.get(SCHEDULE_KEY, {"step": 0})
-        step = schedule["step"] + 1
+        step = self._steps_taken() + 1
         second_order = [p for g in self.param_groups if g["second_order"] for p in g["params"] if p.requires_grad]
-        refreshing = (step - 1) % self.hessian_every == 0 and bool(second_order)
+        refreshing = bool(second_order) and (step - 1) % self.hessian_every == 0
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
 
+        loss = None
         if loss_fn is not None:
             loss, hvp_for = self._gradients_from_loss_fn(loss_fn, refreshing, grad_scaler if scaled else None)
-            if scaled:
-                grad_scaler.unscale_(self)  # records found_inf for scaler.update()
-                if not _all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]):
-                    return loss  # skipped, like GradScaler.step: no state changes
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.param_groups for p in g["params"] if p.grad is not None], max_grad_norm
-                )
+        elif closure is not None:
+            loss, hvp_for = self._gradients_from_closure(closure, refreshing)
         else:
             if max_grad_norm is not None:
-                raise ValueError("max_grad_norm is for usage B; in usage A clip .grad yourself before step()")
+                raise ValueError("max_grad_norm needs a closure or loss_fn; without them clip .grad yourself before step()")
             hvp_for = self._hvp_from_backward_graph
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if scaled:
+            try:
+                grad_scaler.unscale_(self)  # records found_inf for scaler.update()
+            except RuntimeError as error:  # the caller unscaled already (e.g. to clip): fine
+                if "already been called" not in str(error):
+                    raise
+            if not _all_finite([p.grad for p in with_grad]):
+                self._free_graph()
+                return loss  # skipped, like GradScaler.step: no state changes
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
 
         hessians: dict[Tensor, Tensor] = {}
-        schedule = dict(schedule, step=step)
         if refreshing:
-            refresh = self._choose_refresh([p for p in second_order if p.grad is not None])
+            refresh = self._choose_refresh(step, [p for p in second_order if p.grad is not None])
             if refresh:
-                generator = self._hutchinson_generator(schedule)
-                scale = grad_scaler.get_scale() if scaled else 1.0
-                hessians = self._estimate(refresh, hvp_for(refresh), scale, generator)
-                if generator is not None:
-                    schedule["rng_state"] = generator.get_state()
+                hessians = self._estimate(refresh, hvp_for(refresh), step, grad_scaler.get_scale() if scaled else 1.0)
 
         with torch.no_grad():
             for group in self.param_groups:
-                self._update_group(group, hessians)
-        if loss_fn is None:  # usage A: free the double-backward graph that .grad holds
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and p.grad.requires_grad:
-                        p.grad = p.grad.detach()
-        # A new dict each step, never mutated in place: state_dict() hands out references.
-        self.state[SCHEDULE_KEY] = schedule
+                self._update_group(group, hessians, step)
+        self._free_graph()
         return loss
 
+    def _free_graph(self) -> None:
+        """Detach ``.grad``: a gradient built with ``create_graph`` keeps the double-backward graph
+        alive through the parameter <-> gradient cycle."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach()
+
     # ------------------------------------------------------------------------- gradients and HVPs
+
+    def _replay_buffers(self) -> list[Tensor]:
+        return list(self.model.buffers()) if self.model is not None else []
+
+    def _devices(self) -> set[torch.device]:
+        return {p.device for g in self.param_groups for p in g["params"]}
 
     def _gradients_from_loss_fn(self, loss_fn, refreshing: bool, grad_scaler):
         """Usage B: run the forward, compute and write every gradient, and return the loss and a
@@ -247,9 +350,9 @@ class SGDPH(Optimizer):
             return grad_scaler.scale(value) if grad_scaler is not None else value
 
         self.zero_grad(set_to_none=True)
-        replay = ForwardReplay(forward, {p.device for p in params}, self.buffers)
+        replay = ForwardReplay(forward, self._devices(), self._replay_buffers())
         create_graph = refreshing and self.engine == "autograd"
-        with torch.enable_grad():
+        with torch.enable_grad(), (math_attention() if create_graph else contextlib.nullcontext()):
             grads = torch.autograd.grad(replay.first(), params, create_graph=create_graph, allow_unused=True)
         local = dict(zip(params, grads))  # this process's gradients, with graph when create_graph
         for p, g in local.items():
@@ -266,79 +369,267 @@ class SGDPH(Optimizer):
 
         return first_loss[0].detach(), hvp_for
 
+    def _gradients_from_closure(self, closure, refreshing: bool):
+        """A standard closure. Under a DDP ``model`` it runs without the reducer (``no_sync``) and
+        the gradients are averaged here, as in usage B; otherwise the gradients are whatever the
+        closure's backward produced (averaged by DDP, if the closure's module is one)."""
+        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.model is not None:
+            known = {id(p) for p in params}
+            params += [p for p in self.model.parameters() if id(p) not in known]
+        # Switching requires_grad off is unsafe under a DDP reducer that expects every gradient and
+        # makes a compiled model recompile: then the re-evaluation computes every gradient.
+        reducer_in_the_way = distributed.world_size() > 1 and ddp is None
+        cheap = not reducer_in_the_way and not _is_compiled(self.model)
+        replay = ClosureReplay(closure, params, self._devices(), self._replay_buffers(), cheap=cheap,
+                               sync=ddp.no_sync if ddp is not None else contextlib.nullcontext)
+        graph_wanted = refreshing and self.engine == "autograd"
+        try:
+            with math_attention() if graph_wanted else contextlib.nullcontext():
+                loss = replay.first()
+        except RuntimeError as error:
+            if reducer_in_the_way and "leaf Variable that requires grad" in str(error):
+                raise RuntimeError(_DDP_DOUBLE_BACKWARD) from None
+            raise
+        second_order = [p for g in self.param_groups if g["second_order"] for p in g["params"]]
+        local = {p: p.grad for p in second_order if p.grad is not None}  # this process's, graph included
+        if ddp is not None:
+            local = {p: g if g.requires_grad else g.clone() for p, g in local.items()}
+            for p in params:
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach().clone()
+            distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
+
+        def hvp_for(refresh: list[Tensor]) -> HVP:
+            if self.engine == "autograd":
+                if not any(local[p].requires_grad for p in refresh):
+                    raise RuntimeError(_MISSING_GRAPH)
+                return AutogradHVP([local[p] for p in refresh], refresh)
+            return FiniteDifferenceHVP(replay, refresh, [local[p] for p in refresh])
+
+        return loss, hvp_for
+
     def _hvp_from_backward_graph(self, refresh: list[Tensor]) -> HVP:
         """Usage A: HVPs through the graph that ``backward(create_graph=True)`` left in ``.grad``."""
+        if self.engine != "autograd":
+            raise RuntimeError(_NEEDS_CLOSURE)
         if not any(p.grad.requires_grad for g in self.param_groups for p in g["params"] if p.grad is not None):
             raise RuntimeError(_MISSING_GRAPH)
         return AutogradHVP([p.grad for p in refresh], refresh)
 
-    def _choose_refresh(self, candidates: list[Tensor]) -> list[Tensor]:
-        if self.estimator == "hutchinson" or not candidates:
+    def _choose_refresh(self, step: int, candidates: list[Tensor]) -> list[Tensor]:
+        if not candidates:
+            return []
+        if self.authors_code:
+            # The authors' round robin: the ((t - 1) mod M + 1)-th 1-D parameter that has a gradient,
+            # M counting every 1-D parameter. The last 1-D parameter takes an SGD step: its HVP,
+            # which their code computes and discards, is skipped here.
+            one_d = [p for g in self.param_groups for p in g["params"] if p.ndim == 1]
+            with_grad = [p for p in one_d if p.grad is not None]
+            k = (step - 1) % len(one_d)
+            chosen = with_grad[k] if k < len(with_grad) else None
+            return [chosen] if chosen is not None and any(chosen is c for c in candidates) else []
+        if self.estimator == "hutchinson":
             return candidates
         # Round robin, derived from the refresh counts: the fewest refreshes, first in order.
         counts = [self.state[p].get("hessian_refreshes", 0) for p in candidates]
         return [candidates[counts.index(min(counts))]]
 
-    def _estimate(self, refresh: list[Tensor], hvp: HVP, scale: float, generator) -> dict[Tensor, Tensor]:
-        with torch.enable_grad():
-            h = estimate(self.estimator, hvp, refresh, range(len(refresh)), generator)
+    def _probe_generator(self, step: int) -> torch.Generator | None:
+        """Hutchinson's probes at step t on rank r come from a generator seeded with (seed, r, t):
+        replicas draw independent probes (the all-reduce averages them), a resumed run draws the
+        same ones, and no per-rank generator state has to survive a checkpoint (torch's distributed
+        checkpoint keeps one copy of tensors that are not sharded)."""
+        if self.estimator != "hutchinson":
+            return None
+        mixed = (self.param_groups[0]["seed"] * 1_000_003 + distributed.rank()) * 1_000_000_007 + step
+        return torch.Generator().manual_seed(mixed % (2**63 - 1))
+
+    def _estimate(self, refresh: list[Tensor], hvp: HVP, step: int, scale: float) -> dict[Tensor, Tensor]:
+        try:
+            with torch.enable_grad():
+                h = estimate(self.estimator, hvp, refresh, range(len(refresh)), self._probe_generator(step))
+        except RuntimeError as error:
+            clear = no_double_backward_error(error)
+            if clear is None:
+                raise
+            raise clear from None
         h = [x.detach() for x in h]
-        if scale != 1.0:
+        if scale != 1.0:  # the HVP of a scaled loss is scaled
             torch._foreach_div_(h, scale)
         distributed.all_reduce_mean_(h)  # every replica gets the same estimate
         if not _all_finite(h):  # e.g. an fp16 overflow: keep the previous estimate
             return {}
         return dict(zip(refresh, h))
 
-    def _hutchinson_generator(self, schedule: dict[str, Any]) -> torch.Generator | None:
-        """The probe generator, at the state the schedule recorded (so a resumed run draws the same
-        probes); seeded with ``seed + rank`` on first use: replicas draw independent probes and the
-        all-reduce averages them."""
-        if self.estimator != "hutchinson":
-            return None
-        if self._generator is None:
-            self._generator = torch.Generator()
-        if "rng_state" in schedule:
-            self._generator.set_state(schedule["rng_state"])
-        else:
-            self._generator.manual_seed(self.seed + distributed.rank())
-        return self._generator
-
     # ------------------------------------------------------------------------- updates
 
-    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor]) -> None:
+    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         grads = [p.grad.detach() for p in params]
         bufs = [self.state[p].get("momentum_buffer") for p in params]
-        foreach = group["foreach"] if group["foreach"] is not None else all(p.is_cuda for p in params)
-        if group["second_order"]:
-            emas, counts = [], []
-            for p in params:
-                state = self.state[p]
-                if "hessian_ema" not in state:
-                    state["hessian_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["hessian_refreshes"] = 0
-                emas.append(state["hessian_ema"])
-                counts.append(state["hessian_refreshes"])
-            update = _second_order_multi_tensor if foreach else _second_order_single_tensor
-            update(
-                params, grads, bufs, emas, counts, [hessians.get(p) for p in params],
-                lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                so_lr=group["so_lr"], hessian_momentum=group["hessian_momentum"], eps=group["eps"],
-            )
-            for p, n in zip(params, counts):
-                self.state[p]["hessian_refreshes"] = n
-        else:
+        if not group["second_order"]:
             sgd_functional(
-                params, grads, bufs, foreach=foreach,
+                params, grads, bufs, foreach=group["foreach"],
                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                 dampening=0.0, nesterov=False, maximize=False,
+            )
+        else:
+            states = [self._second_order_state(p) for p in params]
+            fresh = [hessians.get(p) for p in params]
+            for state, h in zip(states, fresh):
+                state["step"] += 1
+                state["hessian_refreshes"] += h is not None
+            if group["authors_code"]:
+                one_d = sum(p.ndim == 1 for g in self.param_groups for p in g["params"])
+                c = 1 - group["momentum"] ** (step // one_d + 1)
+                corrections: list[float | None] = [c] * len(params)
+                alpha = group["momentum"]
+            else:
+                alpha = group["hessian_momentum"]
+                corrections = [1 - alpha ** s["hessian_refreshes"] if s["hessian_refreshes"] else None for s in states]
+            sgdph(
+                params, grads, bufs, [s["hessian_ema"] for s in states], fresh, corrections,
+                foreach=group["foreach"], lr=group["lr"], momentum=group["momentum"],
+                weight_decay=group["weight_decay"], so_lr=group["so_lr"], hessian_momentum=alpha,
+                eps=group["eps"], eps_in_correction=group["authors_code"],
             )
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def sgdph(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    hessian_emas: list[Tensor],
+    hessians: list[Tensor | None],
+    bias_corrections: list[float | None],
+    *,
+    foreach: bool | None = None,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    so_lr: float,
+    hessian_momentum: float,
+    eps: float,
+    eps_in_correction: bool = False,
+) -> None:
+    r"""Functional form of SGD-PH's second-order update (first-order params use torch's ``sgd``).
+
+    For each tensor i, in place::
+
+        buf ← g (no buffer yet, or β = 0: g itself)   else β·buf + g
+        if hessians[i] is given:   D ← α·D + (1 - α)·|h|
+        c = bias_corrections[i]
+        c is None (no curvature yet):  θ ← θ - γ·(buf + λθ)
+        otherwise:                     θ ← θ - γ·(τ·buf / denom + λθ)
+            denom = D / c + ε          (the default rule)
+                    (D + ε) / c        (eps_in_correction: the authors' code)
+
+    ``momentum_buffers`` entries that are None are created (the list is updated). With
+    ``foreach`` the tensors are grouped by device and dtype and updated with ``torch._foreach_*``
+    kernels; the default follows torch (foreach on CUDA).
+    """
+    if not (len(params) == len(grads) == len(momentum_buffers) == len(hessian_emas) == len(hessians)
+            == len(bias_corrections)):
+        raise ValueError("sgdph: params, grads, momentum_buffers, hessian_emas, hessians and bias_corrections "
+                         "must have one entry per parameter")
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    update = _multi_tensor_sgdph if foreach else _single_tensor_sgdph
+    update(
+        params, grads, momentum_buffers, hessian_emas, hessians, bias_corrections, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum, eps=eps,
+        eps_in_correction=eps_in_correction,
+    )
+
+
+def _single_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians, bias_corrections, *, lr,
+                         momentum, weight_decay, so_lr, hessian_momentum, eps, eps_in_correction) -> None:
+    for i, param in enumerate(params):
+        grad = grads[i]
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.clone(grad).detach()
+            else:
+                buf.mul_(momentum).add_(grad)
+        else:
+            buf = grad
+        if hessians[i] is not None:
+            hessian_emas[i].mul_(hessian_momentum).add_(hessians[i].abs(), alpha=1 - hessian_momentum)
+        c = bias_corrections[i]
+        if c is None:
+            direction = buf.add(param, alpha=weight_decay) if weight_decay != 0 else buf
+        else:
+            if eps_in_correction:
+                denom = hessian_emas[i].add(eps).div_(c)
+            else:
+                denom = hessian_emas[i].div(c).add_(eps)
+            direction = buf.div(denom).mul_(so_lr)
+            if weight_decay != 0:
+                direction.add_(param, alpha=weight_decay)
+        param.add_(direction, alpha=-lr)
+
+
+def _multi_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians, bias_corrections, *, lr,
+                        momentum, weight_decay, so_lr, hessian_momentum, eps, eps_in_correction) -> None:
+    if not params:
+        return
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, momentum_buffers, hessian_emas, hessians], with_indices=True  # type: ignore[list-item]
+    )
+    for (dev_params, dev_grads, dev_bufs, dev_emas, dev_hessians), indices in grouped.values():
+        dev_params, dev_grads, dev_emas = (cast(list[Tensor], x) for x in (dev_params, dev_grads, dev_emas))
+        if momentum != 0:
+            old = [i for i, b in enumerate(dev_bufs) if b is not None]
+            if old:
+                old_bufs = [cast(Tensor, dev_bufs[i]) for i in old]
+                torch._foreach_mul_(old_bufs, momentum)
+                torch._foreach_add_(old_bufs, [dev_grads[i] for i in old])
+            for i, b in enumerate(dev_bufs):
+                if b is None:
+                    dev_bufs[i] = momentum_buffers[indices[i]] = torch.clone(dev_grads[i]).detach()
+            steps = cast(list[Tensor], dev_bufs)
+        else:
+            steps = dev_grads
+        fresh = [i for i, h in enumerate(dev_hessians) if h is not None]
+        if fresh:
+            emas = [dev_emas[i] for i in fresh]
+            torch._foreach_mul_(emas, hessian_momentum)
+            torch._foreach_add_(emas, torch._foreach_abs([cast(Tensor, dev_hessians[i]) for i in fresh]),
+                                alpha=1 - hessian_momentum)
+        corrections = [bias_corrections[j] for j in indices]
+        pre = [i for i, c in enumerate(corrections) if c is not None]
+        raw = [i for i, c in enumerate(corrections) if c is None]
+        directions: list[Tensor] = [steps[i] for i in range(len(dev_params))]
+        if pre:
+            scales = [cast(float, corrections[i]) for i in pre]
+            if eps_in_correction:
+                denoms = torch._foreach_add([dev_emas[i] for i in pre], eps)
+                torch._foreach_div_(denoms, scales)
+            else:
+                denoms = torch._foreach_div([dev_emas[i] for i in pre], scales)
+                torch._foreach_add_(denoms, eps)
+            pre_dirs = torch._foreach_div([steps[i] for i in pre], denoms)
+            torch._foreach_mul_(pre_dirs, so_lr)
+            if weight_decay != 0:
+                torch._foreach_add_(pre_dirs, [dev_params[i] for i in pre], alpha=weight_decay)
+            for i, d in zip(pre, pre_dirs):
+                directions[i] = d
+        if raw and weight_decay != 0:
+            raw_dirs = torch._foreach_add([steps[i] for i in raw], [dev_params[i] for i in raw], alpha=weight_decay)
+            for i, d in zip(raw, raw_dirs):
+                directions[i] = d
+        torch._foreach_add_(dev_params, directions, alpha=-lr)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -350,112 +641,23 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def _decide_second_order(params: Iterable[Any]) -> list[dict[str, Any]]:
-    """Give every param group a ``second_order`` flag; groups without one are split by the
-    authors' rule: 1-D params are second-order, except the last 1-D param over all such groups."""
-    groups = list(params)
-    if not groups:
-        raise ValueError("optimizer got an empty parameter list")
-    if not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    groups = [dict(g, params=[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])) for g in groups]
-
-    def tensor(p):  # torch also accepts (name, tensor) pairs
-        return p[1] if isinstance(p, tuple) else p
-
-    undecided = [g for g in groups if "second_order" not in g]
-    one_d = [(id(g), i) for g in undecided for i, p in enumerate(g["params"]) if tensor(p).ndim == 1]
-    last = one_d[-1] if one_d else None
-    decided = []
-    for g in groups:
-        if "second_order" in g:
-            decided.append(g)
-            continue
-        flags = [tensor(p).ndim == 1 and (id(g), i) != last for i, p in enumerate(g["params"])]
-        for flag in (True, False):
-            picked = [i for i, f in enumerate(flags) if f == flag]
-            if picked:
-                part = dict(g, params=[g["params"][i] for i in picked], second_order=flag)
-                if "param_names" in g:
-                    part["param_names"] = [g["param_names"][i] for i in picked]
-                decided.append(part)
-    return decided
+def _is_compiled(model: nn.Module | None) -> bool:
+    if model is None:
+        return False
+    compiled = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
+    return any(isinstance(m, compiled) for m in (model, getattr(model, "module", None)))
 
 
-def _second_order_single_tensor(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], emas: list[Tensor],
-    counts: list[int], hessians: list[Tensor | None], *, lr: float, momentum: float,
-    weight_decay: float, so_lr: float, hessian_momentum: float, eps: float,
-) -> None:
-    """The second-order update, one tensor at a time; ``bufs`` and ``counts`` are updated in place."""
-    for i, p in enumerate(params):
-        g = grads[i]
-        if momentum != 0:
-            if bufs[i] is None:
-                bufs[i] = torch.clone(g).detach()
-            else:
-                bufs[i].mul_(momentum).add_(g)
-            buf = bufs[i]
-        else:
-            buf = g
-        if hessians[i] is not None:
-            emas[i].mul_(hessian_momentum).add_(hessians[i].abs(), alpha=1 - hessian_momentum)
-            counts[i] += 1
-        if counts[i] == 0:
-            direction = buf.add(p, alpha=weight_decay) if weight_decay != 0 else buf
-        else:
-            denom = emas[i].div(1 - hessian_momentum ** counts[i]).add_(eps)
-            direction = buf.div(denom).mul_(so_lr)
-            if weight_decay != 0:
-                direction.add_(p, alpha=weight_decay)
-        p.add_(direction, alpha=-lr)
-
-
-def _second_order_multi_tensor(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], emas: list[Tensor],
-    counts: list[int], hessians: list[Tensor | None], *, lr: float, momentum: float,
-    weight_decay: float, so_lr: float, hessian_momentum: float, eps: float,
-) -> None:
-    """The same update as :func:`_second_order_single_tensor` with ``torch._foreach_*`` kernels."""
-    if momentum != 0:
-        old = [i for i, b in enumerate(bufs) if b is not None]
-        for i, b in enumerate(bufs):
-            if b is None:
-                bufs[i] = torch.clone(grads[i]).detach()
-        if old:
-            torch._foreach_mul_([bufs[i] for i in old], momentum)
-            torch._foreach_add_([bufs[i] for i in old], [grads[i] for i in old])
-        active = bufs
-    else:
-        active = grads
-    fresh = [i for i, h in enumerate(hessians) if h is not None]
-    if fresh:
-        torch._foreach_mul_([emas[i] for i in fresh], hessian_momentum)
-        torch._foreach_add_(
-            [emas[i] for i in fresh], torch._foreach_abs([hessians[i] for i in fresh]),
-            alpha=1 - hessian_momentum,
-        )
-        for i in fresh:
-            counts[i] += 1
-    directions: list[Tensor | None] = [None] * len(params)
-    pre = [i for i, n in enumerate(counts) if n > 0]
-    raw = [i for i, n in enumerate(counts) if n == 0]
-    if pre:
-        denoms = torch._foreach_div([emas[i] for i in pre], [1 - hessian_momentum ** counts[i] for i in pre])
-        torch._foreach_add_(denoms, eps)
-        pre_dirs = torch._foreach_div([active[i] for i in pre], denoms)
-        torch._foreach_mul_(pre_dirs, so_lr)
-        if weight_decay != 0:
-            torch._foreach_add_(pre_dirs, [params[i] for i in pre], alpha=weight_decay)
-        for i, d in zip(pre, pre_dirs):
-            directions[i] = d
-    if raw:
-        raw_bufs = [active[i] for i in raw]
-        raw_dirs = (
-            torch._foreach_add(raw_bufs, [params[i] for i in raw], alpha=weight_decay)
-            if weight_decay != 0
-            else raw_bufs
-        )
-        for i, d in zip(raw, raw_dirs):
-            directions[i] = d
-    torch._foreach_add_(params, directions, alpha=-lr)
+def _upgrade_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """sgdph-tools 0.1 kept the step count under a string key ``"sgdph"`` in ``state`` (which
+    torch.distributed.checkpoint cannot map to a parameter); now each second-order parameter has a
+    ``step``. Hutchinson's generator state is no longer needed (probes depend on the step)."""
+    old = state_dict.get("state", {}).get("sgdph")
+    if old is None:
+        return state_dict
+    state = {k: v for k, v in state_dict["state"].items() if k != "sgdph"}
+    for group in state_dict["param_groups"]:
+        if group.get("second_order"):
+            for index in group["params"]:
+                state[index] = dict(state.get(index, {}), step=torch.tensor(float(old["step"])))
+    return dict(state_dict, state=state)

@@ -4,7 +4,7 @@ Where each comes from (so results can be traced to an implementation):
 
 | recipe name | implementation |
 |---|---|
-| ``sgdph`` | ``sgdph_tools.SGDPH`` with the tag-based groups of ``sgdph_param_groups`` |
+| ``sgdph`` | ``sgdph_tools.SGDPH`` with the tag-based groups of ``sgdph_param_groups`` (``authors_code``: plain parameters, the authors' rule) |
 | ``sgd`` | ``torch.optim.SGD`` with momentum, no Nesterov (timm's factory name ``momentum``) |
 | ``adam``, ``adamw`` | ``torch.optim.Adam`` / ``torch.optim.AdamW`` via timm's factory |
 | ``adabelief``, ``adahessian`` | ``timm.optim.AdaBelief`` / ``timm.optim.Adahessian`` via timm's factory |
@@ -35,10 +35,12 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
         extra["eps"] = cfg.eps
     if cfg.name == "sgdph":
         kinds = cfg.second_order_kinds if cfg.second_order_kinds is not None else CHANNELWISE_KINDS
+        # The authors' rule picks its parameters by ndim, from the plain parameter list.
+        params = model.parameters() if cfg.authors_code else sgdph_param_groups(model, kinds)
         return SGDPH(
-            sgdph_param_groups(model, kinds), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             so_lr=cfg.so_lr, hessian_momentum=cfg.hessian_momentum, estimator=cfg.estimator, engine=cfg.engine,
-            hessian_every=cfg.hessian_every, buffers=list(model.buffers()), **extra,
+            hessian_every=cfg.hessian_every, authors_code=cfg.authors_code, model=model, **extra,
         )
     if cfg.name == "apollo":
         from pytorch_optimizer import ApolloDQN

@@ -1,0 +1,69 @@
+"""The functional core ``sgdph()`` in torch's style: the foreach and for-loop implementations agree,
+on mixed dtypes (grouped by device and dtype), new and old momentum buffers, fresh and stale
+curvature, tensors with and without curvature yet, and both ε placements."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgdph_tools.optim.sgdph import sgdph
+
+
+def case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64, torch.float32, torch.bfloat16]
+    shapes = [(5,), (3,), (7,), (4,), (2,), (6,)]
+    params = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    bufs = [None if i % 3 == 0 else torch.randn(s, generator=g).to(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    emas = [torch.rand(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    hessians = [None if i % 2 else torch.randn(s, generator=g).to(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    corrections = [None, 0.1, 0.19, None, 0.5, 0.271]
+    return params, grads, bufs, emas, hessians, corrections
+
+
+@pytest.mark.parametrize("eps_in_correction", [False, True])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-3), (0.0, 0.0)])
+def test_foreach_and_for_loop_agree_on_mixed_dtypes(eps_in_correction, momentum, weight_decay):
+    results = []
+    for foreach in (False, True):
+        params, grads, bufs, emas, hessians, corrections = case(0)
+        sgdph(params, grads, bufs, emas, hessians, corrections, foreach=foreach, lr=0.1, momentum=momentum,
+              weight_decay=weight_decay, so_lr=2e-3, hessian_momentum=0.8, eps=1e-3,
+              eps_in_correction=eps_in_correction)
+        results.append((params, bufs, emas))
+    (p0, b0, e0), (p1, b1, e1) = results
+    for i in range(len(p0)):
+        # bfloat16's CPU foreach kernels may round differently from the per-tensor ones (as in torch's tests)
+        tol = dict(rtol=1e-2, atol=1e-2) if p0[i].dtype == torch.bfloat16 else dict(rtol=0, atol=0)
+        assert p0[i].dtype == p1[i].dtype
+        torch.testing.assert_close(p0[i], p1[i], **tol)
+        torch.testing.assert_close(e0[i], e1[i], **tol)
+        assert (b0[i] is None) == (b1[i] is None) and (b0[i] is not None or not momentum)  # created when needed
+        if b0[i] is not None:
+            torch.testing.assert_close(b0[i], b1[i], **tol)
+
+
+def test_the_documented_rule_per_tensor():
+    params, grads, bufs, emas, hessians, corrections = case(1)
+    start = [p.double().clone() for p in params]
+    bufs0 = [None if b is None else b.double().clone() for b in bufs]
+    emas0 = [e.double().clone() for e in emas]
+    sgdph(params, grads, bufs, emas, hessians, corrections, foreach=False, lr=0.1, momentum=0.9,
+          weight_decay=0.01, so_lr=2e-3, hessian_momentum=0.8, eps=1e-3)
+    for i in range(len(params)):
+        g = grads[i].double()
+        buf = g if bufs0[i] is None else 0.9 * bufs0[i] + g
+        D = emas0[i] if hessians[i] is None else 0.8 * emas0[i] + 0.2 * hessians[i].double().abs()
+        c = corrections[i]
+        step = buf if c is None else 2e-3 * buf / (D / c + 1e-3)
+        expected = start[i] - 0.1 * (step + 0.01 * start[i])
+        tol = 1e-2 if params[i].dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(params[i].double(), expected, rtol=tol, atol=tol)
+
+
+def test_lists_of_different_lengths_are_rejected():
+    params, grads, bufs, emas, hessians, corrections = case(2)
+    with pytest.raises(ValueError, match="one entry per parameter"):
+        sgdph(params, grads, bufs, emas, hessians, corrections[:-1], lr=0.1, momentum=0.9, weight_decay=0.0,
+              so_lr=1e-3, hessian_momentum=0.9, eps=1e-4)
