@@ -56,3 +56,20 @@ def test_schedules():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # iteration 20 = epoch 2: first milestone
+
+
+def test_authors_code_recipe_builds_the_authors_rule_on_plain_parameters():
+    model = timm.create_model("small_cnn", num_classes=3, in_chans=1)
+    opt = build_optimizer(OptimizerCfg(name="sgdph", authors_code=True), model)
+    assert opt.authors_code and opt.model is model
+    one_d = [p for p in model.parameters() if p.ndim == 1]
+    second = [p for g in opt.param_groups if g["second_order"] for p in g["params"]]
+    assert len(second) == len(one_d) - 1 and all(p is q for p, q in zip(second, one_d))
+
+
+def test_authors_code_rejects_settings_it_does_not_take():
+    from sgdph_tools.errors import UserError
+    from sgdph_tools.recipe import recipe_from_dict
+
+    with pytest.raises(UserError, match="authors' rule"):
+        recipe_from_dict({"optimizer": {"authors_code": True, "estimator": "hutchinson"}})

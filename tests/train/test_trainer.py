@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,15 @@ def test_a_converted_model_without_bn_trains_with_its_gammas_second_order(tmp_pa
     assert len(payload["conversion"]["layers"]) == 9
     model, _, conversion = load_model(str(tmp_path / "wn" / "last.pt"))  # rebuilt by name and conversion
     assert torch.equal(model.features[0].gamma, payload["state_dict"]["features.0.gamma"])
+
+
+def test_a_timm_transformer_trains_with_sgdph_out_of_the_box(tmp_path):
+    """timm's ViT uses fused attention (no double backward); the optimizer's Hessian pass takes the
+    math path, so the autograd engine trains it."""
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
+        f"trainer.output_dir={tmp_path}", "trainer.epochs=1", "data.name=synthetic", "data.img_size=16",
+        "data.num_train=64", "data.num_test=32", "data.num_workers=0", "model.name=vit_tiny_patch16_224",
+        "model.kwargs.img_size=16", "model.kwargs.patch_size=4", "model.kwargs.depth=2", "trainer.batch_size=32",
+    ])
+    rows = Trainer(recipe).run()
+    assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"])
