@@ -340,9 +340,10 @@ def partial_hessian(
     if not all(p.requires_grad for p in params):
         raise ValueError("partial_hessian: every parameter must have requires_grad=True")
     replay = ForwardReplay(loss_fn, {p.device for p in params}, buffers)
+    create_graph = engine == "autograd"
     with torch.enable_grad():
-        loss = replay.first()
-        create_graph = engine == "autograd"
+        with math_attention() if create_graph else contextlib.nullcontext():  # fused attention: no double backward
+            loss = replay.first()
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, materialize_grads=True)
         if create_graph:
             hvp: HVP = AutogradHVP(grads, params)
