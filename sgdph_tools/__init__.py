@@ -6,6 +6,7 @@ project's models (``resnet18_cifar``, ``vgg19_nobn``, ``small_cnn``, ...) with t
 from importlib.metadata import PackageNotFoundError, version
 
 from . import models  # noqa: F401  (registers the models with timm)
+from .gauss_newton import gauss_newton_bartlett, ggn_vector_product
 from .hessian import partial_hessian
 from .optim import SGDPH, register_with_timm, sgdph_param_groups
 from .tagging import ParamTag, tag_parameters
@@ -20,6 +21,8 @@ register_with_timm()
 __all__ = [
     "SGDPH",
     "ParamTag",
+    "gauss_newton_bartlett",
+    "ggn_vector_product",
     "partial_hessian",
     "sgdph_param_groups",
     "tag_parameters",

@@ -60,8 +60,8 @@ class OptimizerCfg:
     # SGD-PH only:
     so_lr: float = 1e-3
     hessian_momentum: float = 0.9
-    estimator: Literal["rowsum", "hutchinson", "diagonal"] = "rowsum"
-    engine: Literal["autograd", "finite_difference"] = "autograd"
+    estimator: Literal["rowsum", "hutchinson", "diagonal", "gnb"] = "rowsum"
+    engine: Literal["autograd", "finite_difference", "gauss_newton"] = "autograd"
     hessian_every: int = 1
     authors_code: bool = False  # the authors' released update rule, step for step (docs/algorithm.md)
     second_order_kinds: list[str] | None = None  # None: every channel-wise 1-D kind
@@ -234,10 +234,12 @@ def _check_semantics(recipe: Recipe) -> None:
     if o.authors_code and (o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None):
         raise UserError("optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, "
                         "hessian_every=1 and chooses its own parameters (drop optimizer.second_order_kinds)")
-    if t.compile and (o.name == "adahessian" or (o.name == "sgdph" and o.engine == "autograd")):
+    double_backward = o.name == "sgdph" and o.estimator != "gnb" and o.engine in ("autograd", "gauss_newton")
+    if t.compile and (o.name == "adahessian" or double_backward):
         raise UserError(
             "trainer.compile=true needs an optimizer without double backward, which torch.compile cannot "
-            "differentiate: use optimizer.engine=finite_difference with sgdph, or trainer.compile=false"
+            "differentiate: use optimizer.engine=finite_difference or optimizer.estimator=gnb with sgdph, "
+            "or trainer.compile=false"
         )
 
 

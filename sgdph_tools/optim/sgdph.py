@@ -15,6 +15,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd as sgd_functional
 
 from .. import distributed
+from ..gauss_newton import GGNVectorProduct, gauss_newton_bartlett
 from ..hessian import (
     ENGINES,
     ESTIMATORS,
@@ -32,6 +33,12 @@ from .param_groups import second_order_groups
 
 __all__ = ["SGDPH", "sgdph"]
 
+#: What the optimizer offers on top of :func:`~sgdph_tools.partial_hessian`'s HVP-based choices: the
+#: Gauss-Newton-Bartlett estimate of the GGN diagonal, and exact GGN-vector products as an engine
+#: (:mod:`sgdph_tools.gauss_newton`). Both read the logits.
+OPTIMIZER_ESTIMATORS = (*ESTIMATORS, "gnb")
+OPTIMIZER_ENGINES = (*ENGINES, "gauss_newton")
+
 #: Settings that hold for the whole optimizer (one engine per step; Hutchinson probes every tensor
 #: at once). They sit in every param group, so they travel with ``state_dict()``; all groups agree.
 OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "authors_code", "seed")
@@ -45,6 +52,14 @@ _NEEDS_CLOSURE = (
     "engine='finite_difference' re-evaluates the loss at a perturbed point: call optimizer.step(closure) "
     "with a standard closure (zero the grads, forward, loss.backward(), return the loss), or "
     "optimizer.step(loss_fn=fn), fn() returning the loss without calling backward"
+)
+_NEEDS_LOGITS = (
+    "estimator='gnb' and engine='gauss_newton' read the logits: return (loss, logits) from the closure or "
+    "from loss_fn, e.g. optimizer.step(loss_fn=lambda: (criterion(logits := model(x), y), logits))"
+)
+_GRAPH_FREED = (
+    "the logits' graph was freed by the closure's backward: call loss.backward(create_graph="
+    "optimizer.is_second_order) in the closure (it keeps the graph), or use optimizer.step(loss_fn=...)"
 )
 _DDP_DOUBLE_BACKWARD = (
     "DistributedDataParallel cannot run backward(create_graph=True): pass model=<the DDP module> to SGDPH "
@@ -99,9 +114,13 @@ class SGDPH(Optimizer):
         hessian_momentum: α of the Hessian EMA (default 0.9; ``authors_code`` uses β).
         eps: ε added to the bias-corrected Hessian EMA (default 1e-4).
         estimator: ``"rowsum"`` (the paper's ``H_kk·1``), ``"hutchinson"`` (``z ⊙ Hz``, unbiased
-            for the true diagonal) or ``"diagonal"`` (exact; one HVP per element: diagnostics).
-        engine: ``"autograd"`` (double backward) or ``"finite_difference"`` (one extra forward and
-            a 1-D-only backward, no ``create_graph``; needs a closure or ``loss_fn``).
+            for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
+            ``"gnb"`` (Gauss-Newton-Bartlett: ``B·ĝ⊙ĝ`` for labels sampled from the model,
+            unbiased for the GGN diagonal, non-negative, one extra backward; reads the logits).
+        engine: what the products are: ``"autograd"`` (Hessian, double backward),
+            ``"finite_difference"`` (Hessian, one extra forward and a 1-D-only backward, no
+            ``create_graph``; needs a closure or ``loss_fn``) or ``"gauss_newton"`` (exact
+            GGN-vector products, positive semi-definite; reads the logits). ``gnb`` needs none.
         hessian_every: refresh the Hessian every k steps (default 1).
         authors_code: reproduce the authors' update rule (see above).
         seed: seed of the Hutchinson probes; the probes of step t on rank r are a function of
@@ -135,6 +154,9 @@ class SGDPH(Optimizer):
         # B, the optimizer runs every backward itself (fn: forward only, no backward): every
         # engine, DDP without model=, AMP and clipping inside the step
         optimizer.step(loss_fn=lambda: criterion(model(x), y))
+
+    ``gnb`` and ``gauss_newton`` read the logits: the closure or ``loss_fn`` returns
+    ``(loss, logits)`` instead of the loss (any estimator accepts that form).
 
     With AMP, ``scaler.step(optimizer)`` works as with any optimizer (GradScaler hands itself to
     ``step``; the HVP of a scaled loss is divided by the scale); in usage B pass
@@ -170,8 +192,8 @@ class SGDPH(Optimizer):
             raise ValueError(f"invalid eps: {eps} (must be > 0)")
         if not (isinstance(hessian_every, int) and hessian_every >= 1):
             raise ValueError(f"invalid hessian_every: {hessian_every} (must be an integer >= 1)")
-        check_choice("estimator", estimator, ESTIMATORS)
-        check_choice("engine", engine, ENGINES)
+        check_choice("estimator", estimator, OPTIMIZER_ESTIMATORS)
+        check_choice("engine", engine, OPTIMIZER_ENGINES)
         if authors_code:
             if estimator != "rowsum" or hessian_every != 1:
                 raise ValueError("authors_code=True is the authors' rule: estimator='rowsum', hessian_every=1")
@@ -207,8 +229,19 @@ class SGDPH(Optimizer):
 
     @property
     def is_second_order(self) -> bool:
-        """timm's convention: True when the caller's backward must keep the graph (``create_graph``)."""
-        return self.engine == "autograd"
+        """timm's convention: True when the caller's backward must keep the graph (``create_graph``):
+        for the double backward of the autograd engine, and for the estimates that read the logits
+        (``gnb``, ``gauss_newton``) after the backward. Only the finite-difference engine needs none."""
+        return self.engine != "finite_difference" or self.estimator == "gnb"
+
+    @property
+    def _reads_logits(self) -> bool:
+        return self.estimator == "gnb" or self.engine == "gauss_newton"
+
+    @property
+    def _double_backward(self) -> bool:
+        """The Hessian pass differentiates the backward (autograd HVPs, or the double-vjp of GGN products)."""
+        return self.estimator != "gnb" and self.engine in ("autograd", "gauss_newton")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in OPTIMIZER_WIDE:
@@ -287,11 +320,11 @@ class SGDPH(Optimizer):
         refreshing = bool(second_order) and (step - 1) % self.hessian_every == 0
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
 
-        loss = None
+        loss = logits = None
         if loss_fn is not None:
-            loss, hvp_for = self._gradients_from_loss_fn(loss_fn, refreshing, grad_scaler if scaled else None)
+            loss, logits, hvp_for = self._gradients_from_loss_fn(loss_fn, refreshing, grad_scaler if scaled else None)
         elif closure is not None:
-            loss, hvp_for = self._gradients_from_closure(closure, refreshing)
+            loss, logits, hvp_for = self._gradients_from_closure(closure, refreshing)
         else:
             if max_grad_norm is not None:
                 raise ValueError("max_grad_norm needs a closure or loss_fn; without them clip .grad yourself before step()")
@@ -313,7 +346,7 @@ class SGDPH(Optimizer):
         if refreshing:
             refresh = self._choose_refresh(step, [p for p in second_order if p.grad is not None])
             if refresh:
-                hessians = self._estimate(refresh, hvp_for(refresh), step, grad_scaler.get_scale() if scaled else 1.0)
+                hessians = self._estimate(refresh, hvp_for, logits, step, grad_scaler.get_scale() if scaled else 1.0)
 
         with torch.no_grad():
             for group in self.param_groups:
@@ -341,19 +374,21 @@ class SGDPH(Optimizer):
         """Usage B: run the forward, compute and write every gradient, and return the loss and a
         function that builds the HVP engine for the tensors chosen for refresh."""
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        first_loss: list[Tensor] = []
+        first: list[tuple[Tensor, Tensor | None]] = []
 
         def forward() -> Tensor:
-            value = loss_fn()
-            if not first_loss:
-                first_loss.append(value)
-            return grad_scaler.scale(value) if grad_scaler is not None else value
+            loss, logits = _loss_and_logits(loss_fn())
+            if not first:
+                first.append((loss, logits))
+            return grad_scaler.scale(loss) if grad_scaler is not None else loss
 
         self.zero_grad(set_to_none=True)
         replay = ForwardReplay(forward, self._devices(), self._replay_buffers())
-        create_graph = refreshing and self.engine == "autograd"
-        with torch.enable_grad(), (math_attention() if create_graph else contextlib.nullcontext()):
-            grads = torch.autograd.grad(replay.first(), params, create_graph=create_graph, allow_unused=True)
+        create_graph = refreshing and self._double_backward and self.engine == "autograd"
+        keep_graph = create_graph or (refreshing and self._reads_logits)
+        with torch.enable_grad(), (math_attention() if refreshing and self._double_backward else contextlib.nullcontext()):
+            grads = torch.autograd.grad(replay.first(), params, create_graph=create_graph, retain_graph=keep_graph,
+                                        allow_unused=True)
         local = dict(zip(params, grads))  # this process's gradients, with graph when create_graph
         for p, g in local.items():
             if g is not None:
@@ -367,7 +402,8 @@ class SGDPH(Optimizer):
             # The finite difference pairs the local gradient at θ with the local one at θ + r·v.
             return FiniteDifferenceHVP(replay, refresh, [local[p] for p in refresh])
 
-        return first_loss[0].detach(), hvp_for
+        loss, logits = first[0]
+        return loss.detach(), logits, hvp_for
 
     def _gradients_from_closure(self, closure, refreshing: bool):
         """A standard closure. Under a DDP ``model`` it runs without the reducer (``no_sync``) and
@@ -384,10 +420,9 @@ class SGDPH(Optimizer):
         cheap = not reducer_in_the_way and not _is_compiled(self.model)
         replay = ClosureReplay(closure, params, self._devices(), self._replay_buffers(), cheap=cheap,
                                sync=ddp.no_sync if ddp is not None else contextlib.nullcontext)
-        graph_wanted = refreshing and self.engine == "autograd"
         try:
-            with math_attention() if graph_wanted else contextlib.nullcontext():
-                loss = replay.first()
+            with math_attention() if refreshing and self._double_backward else contextlib.nullcontext():
+                loss, logits = _loss_and_logits(replay.first())
         except RuntimeError as error:
             if reducer_in_the_way and "leaf Variable that requires grad" in str(error):
                 raise RuntimeError(_DDP_DOUBLE_BACKWARD) from None
@@ -408,7 +443,7 @@ class SGDPH(Optimizer):
                 return AutogradHVP([local[p] for p in refresh], refresh)
             return FiniteDifferenceHVP(replay, refresh, [local[p] for p in refresh])
 
-        return loss, hvp_for
+        return loss, logits, hvp_for
 
     def _hvp_from_backward_graph(self, refresh: list[Tensor]) -> HVP:
         """Usage A: HVPs through the graph that ``backward(create_graph=True)`` left in ``.grad``."""
@@ -430,7 +465,7 @@ class SGDPH(Optimizer):
             k = (step - 1) % len(one_d)
             chosen = with_grad[k] if k < len(with_grad) else None
             return [chosen] if chosen is not None and any(chosen is c for c in candidates) else []
-        if self.estimator == "hutchinson":
+        if self.estimator in ("hutchinson", "gnb"):
             return candidates
         # Round robin, derived from the refresh counts: the fewest refreshes, first in order.
         counts = [self.state[p].get("hessian_refreshes", 0) for p in candidates]
@@ -441,16 +476,28 @@ class SGDPH(Optimizer):
         replicas draw independent probes (the all-reduce averages them), a resumed run draws the
         same ones, and no per-rank generator state has to survive a checkpoint (torch's distributed
         checkpoint keeps one copy of tensors that are not sharded)."""
-        if self.estimator != "hutchinson":
+        if self.estimator not in ("hutchinson", "gnb"):
             return None
         mixed = (self.param_groups[0]["seed"] * 1_000_003 + distributed.rank()) * 1_000_000_007 + step
         return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
-    def _estimate(self, refresh: list[Tensor], hvp: HVP, step: int, scale: float) -> dict[Tensor, Tensor]:
+    def _estimate(self, refresh: list[Tensor], hvp_for: Callable[[list[Tensor]], HVP], logits: Tensor | None,
+                  step: int, scale: float) -> dict[Tensor, Tensor]:
+        if self._reads_logits:
+            if logits is None:
+                raise RuntimeError(_NEEDS_LOGITS)
+            scale = 1.0  # computed from the logits, not from the (scaled) loss
+        generator = self._probe_generator(step)
         try:
             with torch.enable_grad():
-                h = estimate(self.estimator, hvp, refresh, range(len(refresh)), self._probe_generator(step))
+                if self.estimator == "gnb":
+                    h = gauss_newton_bartlett(logits, refresh, generator)
+                else:
+                    engine = GGNVectorProduct(logits, refresh) if self.engine == "gauss_newton" else hvp_for(refresh)
+                    h = estimate(self.estimator, engine, refresh, range(len(refresh)), generator)
         except RuntimeError as error:
+            if "backward through the graph a second time" in str(error):
+                raise RuntimeError(_GRAPH_FREED) from None
             clear = no_double_backward_error(error)
             if clear is None:
                 raise
@@ -633,6 +680,16 @@ def _multi_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians,
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _loss_and_logits(value: Any) -> tuple[Tensor, Tensor | None]:
+    """A closure or loss function returns the loss, or ``(loss, logits)`` for the estimates that read
+    the logits."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise TypeError(f"the closure / loss_fn returned {len(value)} values; return loss or (loss, logits)")
+        return value[0], value[1]
+    return value, None
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

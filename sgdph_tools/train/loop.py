@@ -47,13 +47,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     if isinstance(optimizer, SGDPH):
         first: list[torch.Tensor] = []
 
-        def loss_fn() -> torch.Tensor:  # called again by the finite-difference engine: same batch
+        def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:  # called again by the finite-difference engine
             with s.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             if not first:
                 first.append(logits.detach())
-            return loss
+            return loss, logits  # the Gauss-Newton estimates read the logits
 
         loss = optimizer.step(loss_fn=loss_fn, grad_scaler=s.scaler, max_grad_norm=s.grad_clip)
         if s.scaler is not None:

@@ -137,3 +137,10 @@ def test_a_timm_transformer_trains_with_sgdph_out_of_the_box(tmp_path):
     ])
     rows = Trainer(recipe).run()
     assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"])
+
+
+@pytest.mark.parametrize("options", [["optimizer.estimator=gnb"], ["optimizer.engine=gauss_newton"]],
+                         ids=["gnb", "gauss_newton"])
+def test_the_gauss_newton_estimates_train_in_the_trainer(tmp_path, options):
+    rows = Trainer(small_recipe(tmp_path, "trainer.epochs=1", *options)).run()
+    assert len(rows) == 1 and rows[0]["test_acc1"] > 30.0  # learned something on digits in one epoch

@@ -1,0 +1,101 @@
+"""SGD-PH with the Gauss-Newton estimates: the closure or loss_fn returns (loss, logits); the
+estimates reach the Hessian EMA as the exact GGN quantities, unscaled under AMP."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgdph_tools import SGDPH, sgdph_param_groups
+from sgdph_tools.gauss_newton import gauss_newton_bartlett
+from tests.conftest import batch_for, conv_bn_net
+from tests.test_gauss_newton import brute_force_ggn
+
+
+def loss_and_logits(net, x, y):
+    logits = net(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def test_gauss_newton_engine_gives_the_exact_ggn_row_sums():
+    torch.manual_seed(0)
+    net = conv_bn_net().double()
+    x, y = batch_for(net, dtype=torch.float64)
+    params = sgdph_param_groups(net)[0]["params"]
+    G, _ = brute_force_ggn(net, x, params)
+    n = params[0].numel()
+    opt = SGDPH(sgdph_param_groups(net), lr=0.0, engine="gauss_newton", hessian_momentum=0.9)
+    opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
+    # Step 1 refreshes the first tensor (round robin); BN in train mode saw the same batch twice.
+    torch.testing.assert_close(opt.state[params[0]]["hessian_ema"], 0.1 * G[:n, :n].sum(1).abs(),
+                               rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("usage", ["loss_fn", "closure"])
+def test_gnb_refreshes_every_tensor_with_a_non_negative_estimate(usage):
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="gnb")
+    assert opt.is_second_order  # the closure's backward must keep the logits' graph
+    for step in range(3):
+        x, y = batch_for(net, seed=step)
+        if usage == "loss_fn":
+            opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
+        else:
+            def closure():
+                opt.zero_grad()
+                loss, logits = loss_and_logits(net, x, y)
+                loss.backward(create_graph=opt.is_second_order)
+                return loss, logits
+            opt.step(closure)
+    for p in opt.param_groups[0]["params"]:
+        assert opt.state[p]["hessian_refreshes"] == 3 and (opt.state[p]["hessian_ema"] >= 0).all()
+        assert opt.state[p]["hessian_ema"].sum() > 0
+
+
+def test_gnb_in_the_optimizer_is_the_primitive():
+    torch.manual_seed(0)
+    net = conv_bn_net().double()
+    x, y = batch_for(net, dtype=torch.float64)
+    params = sgdph_param_groups(net)[0]["params"]
+    opt = SGDPH(sgdph_param_groups(net), lr=0.0, estimator="gnb", seed=3)
+    probes = opt._probe_generator(1)  # what step 1 draws its labels with
+    expected = gauss_newton_bartlett(net(x), params, probes)
+    torch.manual_seed(0)
+    opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(opt.state[p]["hessian_ema"], 0.1 * e, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("options", [dict(estimator="gnb"), dict(engine="gauss_newton")], ids=["gnb", "ggn"])
+def test_the_estimates_from_logits_are_not_divided_by_the_loss_scale(options):
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        torch.manual_seed(0)
+        net = conv_bn_net()
+        opt = SGDPH(sgdph_param_groups(net), lr=0.05, **options)
+        for step in range(2):
+            x, y = batch_for(net, seed=step)
+            opt.step(loss_fn=lambda: loss_and_logits(net, x, y), grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        runs.append(opt)
+    for p, q in zip(runs[0].param_groups[0]["params"], runs[1].param_groups[0]["params"]):
+        torch.testing.assert_close(runs[1].state[q]["hessian_ema"], runs[0].state[p]["hessian_ema"], rtol=1e-4, atol=1e-8)
+
+
+def test_without_logits_or_with_a_freed_graph_the_error_names_the_fix():
+    net = conv_bn_net()
+    x, y = batch_for(net)
+    opt = SGDPH(sgdph_param_groups(net), estimator="gnb")
+    with pytest.raises(RuntimeError, match=r"return \(loss, logits\)"):
+        opt.step(loss_fn=lambda: F.cross_entropy(net(x), y))
+
+    def closure():
+        opt.zero_grad()
+        loss, logits = loss_and_logits(net, x, y)
+        loss.backward()  # frees the graph the estimate needs
+        return loss, logits
+
+    with pytest.raises(RuntimeError, match="create_graph=optimizer.is_second_order"):
+        opt.step(closure)
