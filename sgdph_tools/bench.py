@@ -1,0 +1,163 @@
+"""Step time and peak memory of SGD-PH's modes against SGDM, AdamW and timm's Adahessian.
+
+Each configuration runs in its own child process (forked from a server that imported torch once, so
+no configuration inherits another's allocations): it builds the model and optimizer, records its
+memory before the first step, runs ``hessian_every`` warm-up steps (a whole refresh cycle, the first
+refresh included), then times ``steps`` more -- forward + backward + step, synchronised on a GPU.
+Time per step: the median over steps when every step refreshes (k = 1); the mean over whole multiples
+of k otherwise, so refresh steps count in their real proportion. Peak memory: on a GPU
+``max_memory_allocated`` minus what was allocated before the first step; on a CPU the process's peak
+resident memory minus its resident memory before the first step (so the torch import does not
+squeeze the ratios). Ratios are to SGDM measured in the same run.
+
+``diagonal`` is left out: one product per element is a diagnostic, not a training mode.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+ESTIMATOR_ENGINES = [("rowsum", "autograd"), ("rowsum", "finite_difference"), ("rowsum", "gauss_newton"),
+                     ("hutchinson", "autograd"), ("hutchinson", "finite_difference"), ("hutchinson", "gauss_newton"),
+                     ("gnb", None)]
+
+
+@dataclass(frozen=True)
+class Mode:
+    optimizer: str  # sgdm, adamw, adahessian, sgdph
+    estimator: str | None = None
+    engine: str | None = None
+    hessian_every: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.optimizer != "sgdph":
+            return self.optimizer
+        parts = [self.estimator] + ([self.engine] if self.engine else []) + [f"every {self.hessian_every}"]
+        return "sgdph " + ", ".join(parts)
+
+
+def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
+    modes = [Mode("sgdm"), Mode("adamw"), Mode("adahessian")]
+    modes += [Mode("sgdph", est, eng, k) for k in every for est, eng in ESTIMATOR_ENGINES]
+    return modes
+
+
+@dataclass
+class Settings:
+    model: str = "resnet18_cifar"
+    batch: int = 128
+    img_size: int = 32
+    num_classes: int = 100
+    steps: int = 20
+    device: str = "cpu"
+    threads: int | None = None
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _build(mode: Mode, model):
+    from timm.optim import Adahessian
+
+    from .optim import SGDPH, sgdph_param_groups
+
+    if mode.optimizer == "sgdm":
+        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if mode.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if mode.optimizer == "adahessian":
+        return Adahessian(model.parameters(), lr=1e-3)
+    return SGDPH(sgdph_param_groups(model), lr=1e-3, estimator=mode.estimator, engine=mode.engine or "autograd",
+                 hessian_every=mode.hessian_every, model=model)
+
+
+def _measure(mode: Mode, s: Settings) -> dict:
+    """Runs in a child process: time per step (ms) and peak memory (MB) above the pre-step baseline."""
+    import warnings
+
+    import timm
+
+    import sgdph_tools  # noqa: F401  (registers the project's models)
+    from .optim import SGDPH
+
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device = torch.device(s.device)
+    torch.manual_seed(0)
+    model = timm.create_model(s.model, num_classes=s.num_classes).to(device).train()
+    channels = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
+    x = torch.randn(s.batch, channels, s.img_size, s.img_size, device=device)
+    y = torch.randint(0, s.num_classes, (s.batch,), device=device)
+    opt = _build(mode, model)
+
+    def loss_and_logits():
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def step():
+        if isinstance(opt, SGDPH):
+            opt.step(loss_fn=loss_and_logits)
+            return
+        opt.zero_grad(set_to_none=True)
+        loss_and_logits()[0].backward(create_graph=mode.optimizer == "adahessian")
+        opt.step()
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_mb()
+    k = mode.hessian_every or 1
+    for _ in range(k):  # warm-up: one whole refresh cycle
+        step()
+    n = max(1, math.ceil(s.steps / k)) * k
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    step_s = statistics.median(times) if k == 1 else sum(times) / len(times)
+    return {"step_ms": 1000 * step_s, "peak_mb": peak}
+
+
+def run(modes: list[Mode], s: Settings, on_result=None) -> list[dict]:
+    """Measure every mode (each in a fresh child process); the first mode must be SGDM, the baseline."""
+    if not modes or modes[0].optimizer != "sgdm":
+        raise ValueError("the first mode must be SGDM: the ratios are to it")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "timm", "sgdph_tools"])
+    records = []
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        for mode in modes:
+            measured = pool.apply(_measure, (mode, s))
+            base = records[0] if records else measured
+            record = {**asdict(mode), **measured,
+                      "time_ratio": measured["step_ms"] / base["step_ms"],
+                      "memory_ratio": measured["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None}
+            records.append(record)
+            if on_result is not None:
+                on_result(mode, record)
+    return records

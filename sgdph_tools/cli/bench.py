@@ -1,0 +1,60 @@
+"""``sgdph bench``: step time and peak memory of every SGD-PH mode, as ratios to SGDM in the same run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from ..bench import Settings, all_modes, run
+from ..errors import UserError
+from ._output import console
+from .app import app
+
+
+@app.command("bench")
+def bench_command(
+    model: str = typer.Option("resnet18_cifar", "--model", help="A timm model name (the project's registered ones included)."),
+    batch: int = typer.Option(128, "--batch", help="Batch size."),
+    img_size: int = typer.Option(32, "--img-size", help="Input height and width (random data, the model's channels)."),
+    num_classes: int = typer.Option(100, "--num-classes", help="Classes of the classifier head."),
+    steps: int = typer.Option(20, "--steps", help="Timed steps per mode, after a warm-up of one refresh cycle."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads per measurement (default: torch's)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the records to this JSON file."),
+) -> None:
+    """SGDM, AdamW, timm's Adahessian and SGD-PH in every mode (estimator × engine × hessian_every 1, 10)."""
+    import timm
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device: use --device cpu")
+    if not timm.is_model(model):
+        close = timm.list_models(f"*{model.split('_')[0]}*")[:3]
+        raise UserError(f"unknown model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    for name, value in (("--batch", batch), ("--img-size", img_size), ("--steps", steps), ("--num-classes", num_classes)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    settings = Settings(model=model, batch=batch, img_size=img_size, num_classes=num_classes, steps=steps,
+                        device=device, threads=threads)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
+    console.print(f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}")
+    with console.status("measuring") as status:
+        records = run(all_modes(), settings, on_result=lambda mode, r: status.update(f"measured {mode.label}"))
+    table = Table(title="step time and peak memory, ratios to SGDM in this run", title_justify="left")
+    for column in ("optimizer", "step ms", "time / SGDM", "peak MB", "memory / SGDM"):
+        table.add_column(column)
+    for r in records:
+        label = r["optimizer"] if r["optimizer"] != "sgdph" else (
+            f"sgdph {r['estimator']}" + (f", {r['engine']}" if r["engine"] else "") + f", every {r['hessian_every']}")
+        memory = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
+        table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_mb']:.0f}", memory)
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(records, indent=2))
+        console.print(f"wrote {json_out}")
