@@ -143,21 +143,31 @@ def _measure(mode: Mode, s: Settings) -> dict:
     return {"step_ms": 1000 * step_s, "peak_mb": peak}
 
 
-def run(modes: list[Mode], s: Settings, on_result=None) -> list[dict]:
-    """Measure every mode (each in a fresh child process); the first mode must be SGDM, the baseline."""
+def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list[dict]:
+    """Measure every mode (each in a fresh child process), ``rounds`` times with the modes interleaved,
+    so a burst of load on a shared machine hits one round of every mode rather than all of one mode.
+    Each round's ratios are to that round's SGDM; a record holds the medians over rounds. The first
+    mode must be SGDM, the baseline."""
     if not modes or modes[0].optimizer != "sgdm":
         raise ValueError("the first mode must be SGDM: the ratios are to it")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "timm", "sgdph_tools"])
-    records = []
+    per_round: list[list[dict]] = [[] for _ in modes]
     with ctx.Pool(1, maxtasksperchild=1) as pool:
-        for mode in modes:
-            measured = pool.apply(_measure, (mode, s))
-            base = records[0] if records else measured
-            record = {**asdict(mode), **measured,
-                      "time_ratio": measured["step_ms"] / base["step_ms"],
-                      "memory_ratio": measured["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None}
-            records.append(record)
-            if on_result is not None:
-                on_result(mode, record)
+        for _ in range(rounds):
+            base = None
+            for i, mode in enumerate(modes):
+                measured = pool.apply(_measure, (mode, s))
+                base = base or measured
+                per_round[i].append({**measured, "time_ratio": measured["step_ms"] / base["step_ms"],
+                                     "memory_ratio": measured["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None})
+                if on_result is not None:
+                    on_result(mode, per_round[i][-1])
+    records = []
+    for mode, measured in zip(modes, per_round):
+        record = dict(asdict(mode))
+        for key in ("step_ms", "peak_mb", "time_ratio", "memory_ratio"):
+            values = [m[key] for m in measured if m[key] is not None]
+            record[key] = statistics.median(values) if values else None
+        records.append(record)
     return records

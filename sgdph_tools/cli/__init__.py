@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import bench, convert, export, inspect, report, train  # noqa: F401  (each registers its command on the app)
+from . import bench, convert, export, hessian, inspect, report, train  # noqa: F401  (each registers its command on the app)
 from .app import app
 
 

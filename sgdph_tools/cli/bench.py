@@ -21,6 +21,7 @@ def bench_command(
     img_size: int = typer.Option(32, "--img-size", help="Input height and width (random data, the model's channels)."),
     num_classes: int = typer.Option(100, "--num-classes", help="Classes of the classifier head."),
     steps: int = typer.Option(20, "--steps", help="Timed steps per mode, after a warm-up of one refresh cycle."),
+    rounds: int = typer.Option(1, "--rounds", help="Rounds over all modes, interleaved; medians over rounds."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per measurement (default: torch's)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the records to this JSON file."),
@@ -37,7 +38,8 @@ def bench_command(
     if not timm.is_model(model):
         close = timm.list_models(f"*{model.split('_')[0]}*")[:3]
         raise UserError(f"unknown model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    for name, value in (("--batch", batch), ("--img-size", img_size), ("--steps", steps), ("--num-classes", num_classes)):
+    for name, value in (("--batch", batch), ("--img-size", img_size), ("--steps", steps), ("--num-classes", num_classes),
+                        ("--rounds", rounds)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     settings = Settings(model=model, batch=batch, img_size=img_size, num_classes=num_classes, steps=steps,
@@ -45,8 +47,10 @@ def bench_command(
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
     console.print(f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}")
     with console.status("measuring") as status:
-        records = run(all_modes(), settings, on_result=lambda mode, r: status.update(f"measured {mode.label}"))
-    table = Table(title="step time and peak memory, ratios to SGDM in this run", title_justify="left")
+        records = run(all_modes(), settings, rounds,
+                      on_result=lambda mode, r: status.update(f"measured {mode.label}: {r['time_ratio']:.2f}x"))
+    table = Table(title=f"step time and peak memory, ratios to SGDM in this run (medians of {rounds} round(s))",
+                  title_justify="left")
     for column in ("optimizer", "step ms", "time / SGDM", "peak MB", "memory / SGDM"):
         table.add_column(column)
     for r in records:

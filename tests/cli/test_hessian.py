@@ -1,0 +1,34 @@
+"""``sgdph hessian`` end to end: exact blocks in float64 against every estimator × engine."""
+from __future__ import annotations
+
+import json
+
+from tests.cli.helpers import sgdph
+
+
+def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path):
+    out = tmp_path / "hessian.json"
+    result = sgdph("hessian", "small_cnn", "--batch", "8", "--img-size", "8", "--max-tensors", "2",
+                   "--max-channels", "4", "--draws", "3", "--dtype", "float64", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [b["tensor"] for b in report["blocks"]] == ["features.0.1.weight", "features.0.1.bias"]
+    assert all(b["channels"] == 4 and b["hessian_off_diagonal"] > 0.01 for b in report["blocks"])  # not diagonal
+    rows = report["estimates"]
+    assert len(rows) == 2 * 10
+    for r in rows:
+        if r["estimator"] in ("rowsum", "diagonal") and r["engine"] != "finite_difference":
+            assert r["relative_error"] < 1e-8, r
+        if r["estimator"] in ("rowsum", "diagonal") and r["engine"] == "finite_difference":
+            assert r["cosine"] > 0.99, r  # float64: the step is too small to cross ReLU kinks
+        if r["estimator"] in ("hutchinson", "gnb"):
+            assert r["draws"] == 3  # convergence of the means: tests/test_gauss_newton.py, tests/test_hessian.py
+    assert "estimates against their exact target" in result.stdout
+
+
+def test_bad_inputs_are_one_line_errors():
+    result = sgdph("hessian", "small_cnn", "--layers", "*nothing*")
+    assert result.returncode == 2 and "matches --layers '*nothing*'" in result.stderr
+    result = sgdph("hessian", "small_cnn", "--dtype", "float16")
+    assert result.returncode == 2 and "--dtype must be float32 or float64" in result.stderr
+    assert "Traceback" not in result.stderr
