@@ -8,7 +8,7 @@ import torch
 import typer
 from rich.table import Table
 
-from ..bench import Settings, all_modes, run
+from ..bench import Mode, Settings, all_modes, run
 from ..errors import UserError
 from ._output import console
 from .app import app
@@ -54,8 +54,7 @@ def bench_command(
     for column in ("optimizer", "step ms", "time / SGDM", "peak MB", "memory / SGDM"):
         table.add_column(column)
     for r in records:
-        label = r["optimizer"] if r["optimizer"] != "sgdph" else (
-            f"sgdph {r['estimator']}" + (f", {r['engine']}" if r["engine"] else "") + f", every {r['hessian_every']}")
+        label = Mode(r["optimizer"], r["estimator"], r["engine"], r["hessian_every"]).label
         memory = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
         table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_mb']:.0f}", memory)
     console.print(table)
