@@ -24,3 +24,14 @@ def test_ci_runs_the_readme_test_command():
     install, run = tests.split(" && ")[2:]
     assert f"{install.replace('pip install', 'pip install -q')}\n" in ci
     assert ci.rstrip().endswith(run)
+
+
+def test_license_and_citation_are_shipped():
+    import yaml
+
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == "Apache-2.0"
+    assert "2403.02681" in citation["preferred-citation"]["url"]
+    readme = (ROOT / "README.md").read_text()
+    assert "## Citing" in readme and "arXiv:2403.02681" in readme
