@@ -337,7 +337,8 @@ class SGDPH(Optimizer):
                 if "already been called" not in str(error):
                     raise
             if not _all_finite([p.grad for p in with_grad]):
-                self._free_graph()
+                if loss_fn is None:
+                    self._free_graph()
                 return loss  # skipped, like GradScaler.step: no state changes
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
@@ -351,7 +352,8 @@ class SGDPH(Optimizer):
         with torch.no_grad():
             for group in self.param_groups:
                 self._update_group(group, hessians, step)
-        self._free_graph()
+        if loss_fn is None:  # loss_fn's gradients are detached already; a caller's backward may hold a graph
+            self._free_graph()
         return loss
 
     def _free_graph(self) -> None:
@@ -460,7 +462,7 @@ class SGDPH(Optimizer):
             # The authors' round robin: the ((t - 1) mod M + 1)-th 1-D parameter that has a gradient,
             # M counting every 1-D parameter. The last 1-D parameter takes an SGD step: its HVP,
             # which their code computes and discards, is skipped here.
-            one_d = [p for g in self.param_groups for p in g["params"] if p.ndim == 1]
+            one_d = self._one_d_params()
             with_grad = [p for p in one_d if p.grad is not None]
             k = (step - 1) % len(one_d)
             chosen = with_grad[k] if k < len(with_grad) else None
@@ -470,6 +472,10 @@ class SGDPH(Optimizer):
         # Round robin, derived from the refresh counts: the fewest refreshes, first in order.
         counts = [self.state[p].get("hessian_refreshes", 0) for p in candidates]
         return [candidates[counts.index(min(counts))]]
+
+    def _one_d_params(self) -> list[Tensor]:
+        """Every 1-D parameter in order: the authors' round robin and its period M."""
+        return [p for g in self.param_groups for p in g["params"] if p.ndim == 1]
 
     def _probe_generator(self, step: int) -> torch.Generator | None:
         """Hutchinson's probes at step t on rank r come from a generator seeded with (seed, r, t):
@@ -531,8 +537,7 @@ class SGDPH(Optimizer):
                 state["step"] += 1
                 state["hessian_refreshes"] += h is not None
             if group["authors_code"]:
-                one_d = sum(p.ndim == 1 for g in self.param_groups for p in g["params"])
-                c = 1 - group["momentum"] ** (step // one_d + 1)
+                c = 1 - group["momentum"] ** (step // len(self._one_d_params()) + 1)
                 corrections: list[float | None] = [c] * len(params)
                 alpha = group["momentum"]
             else:
