@@ -27,6 +27,8 @@ import torch.nn.functional as F
 ESTIMATOR_ENGINES = [("rowsum", "autograd"), ("rowsum", "finite_difference"), ("rowsum", "gauss_newton"),
                      ("hutchinson", "autograd"), ("hutchinson", "finite_difference"), ("hutchinson", "gauss_newton"),
                      ("gnb", None)]
+#: gnb from its own forward on this fraction of the batch (the optimizer's ``gnb_fraction``).
+GNB_FRACTIONS = (0.25,)
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,22 @@ class Mode:
     estimator: str | None = None
     engine: str | None = None
     hessian_every: int | None = None
+    gnb_fraction: float | None = None
 
     @property
     def label(self) -> str:
         if self.optimizer != "sgdph":
             return self.optimizer
-        parts = [self.estimator] + ([self.engine] if self.engine else []) + [f"every {self.hessian_every}"]
+        how = [self.engine] if self.engine else [f"batch x {self.gnb_fraction:g}"] if self.gnb_fraction else []
+        parts = [self.estimator] + how + [f"every {self.hessian_every}"]
         return "sgdph " + ", ".join(parts)
 
 
 def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
     modes = [Mode("sgdm"), Mode("adamw"), Mode("adahessian")]
-    modes += [Mode("sgdph", est, eng, k) for k in every for est, eng in ESTIMATOR_ENGINES]
+    for k in every:
+        modes += [Mode("sgdph", est, eng, k) for est, eng in ESTIMATOR_ENGINES]
+        modes += [Mode("sgdph", "gnb", None, k, f) for f in GNB_FRACTIONS]
     return modes
 
 
@@ -81,7 +87,7 @@ def _build(mode: Mode, model):
     if mode.optimizer == "adahessian":
         return Adahessian(model.parameters(), lr=1e-3)
     return SGDPH(sgdph_param_groups(model), lr=1e-3, estimator=mode.estimator, engine=mode.engine or "autograd",
-                 hessian_every=mode.hessian_every, model=model)
+                 hessian_every=mode.hessian_every, gnb_fraction=mode.gnb_fraction, model=model)
 
 
 def _measure(mode: Mode, s: Settings) -> dict:

@@ -10,6 +10,9 @@ batch's logits, and everything below still holds.
 - :func:`gauss_newton_bartlett` (Sophia's GNB estimator, Liu et al. 2023): labels ŷ drawn from the
   model's own softmax, ĝ the gradient of the mean loss on ŷ; ``B·ĝ⊙ĝ`` is an unbiased estimate of
   ``diag(G)``: one extra backward, no second forward, no double backward.
+- :class:`SubBatchGNB`: the same estimate from its own forward on the first fraction of the step's
+  batch (Sophia estimates from a smaller batch too), taken from the model's recorded inputs: the
+  step's backward then keeps no graph, and the extra work shrinks with the fraction.
 - :func:`ggn_vector_product` / :class:`GGNVectorProduct`: the exact ``G v`` (the block-diagonal
   Hessian-free recipe): ``J v`` by the double-vjp trick (``Jᵀu`` is linear in a dummy ``u``; its vjp
   with ``v`` is ``J v``), the loss Hessian in closed form, then ``Jᵀ(·)`` by a vjp. It takes the
@@ -26,13 +29,17 @@ reject ``label_smoothing`` with them where the project sets it (nothing does yet
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gauss_newton_bartlett", "ggn_vector_product", "GGNVectorProduct"]
+from .hessian import module_buffers_restored
+
+__all__ = ["gauss_newton_bartlett", "ggn_vector_product", "GGNVectorProduct", "SubBatchGNB"]
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -105,3 +112,124 @@ def ggn_vector_product(logits: Tensor, params: Sequence[Tensor], vectors: Sequen
             raise ValueError(f"a vector of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
     engine = GGNVectorProduct(logits, params)
     return engine(dict(enumerate(vectors)), range(len(params)))
+
+
+class SubBatchGNB:
+    """Gauss-Newton-Bartlett from the model's own forward on a leading fraction of the batch.
+
+    A forward pre-hook on ``model`` records the inputs of its latest forward in train mode while
+    ``recording()`` is true (references, no copy). :meth:`estimate` slices every input tensor whose first dimension is the batch to its
+    first ``b = max(2, round(fraction·B))`` rows, runs the model on them with only ``params``
+    requiring gradients (the backward computes no weight gradient), and returns ``b·ĝ⊙ĝ``: unbiased
+    for the GGN diagonal of those b examples. What the training run sees is untouched: BatchNorm
+    buffers are put back, the global RNG (dropout) is restored, the recorded autocast is re-entered,
+    and under ``DistributedDataParallel`` or ``torch.compile`` the wrapped module runs (no reducer,
+    no recompilation for the smaller batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, buffers: Sequence[Tensor] = (),
+                 recording: Callable[[], bool] = lambda: True):
+        self.buffers, self.recording = list(buffers), recording
+        self.module = _unwrapped(model)
+        self._inputs: tuple[tuple, dict, tuple[str, bool, torch.dtype] | None] | None = None
+        self._running = False
+        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and not self._running and self.recording():
+            self._inputs = (args, kwargs, _autocast_state(args, kwargs))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def estimate(self, params: Sequence[Tensor], fraction: float,
+                 generator: torch.Generator | None = None) -> list[Tensor]:
+        params = _check_params(params)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"invalid gnb_fraction: {fraction} (must be in (0, 1])")
+        if self._inputs is None:
+            raise RuntimeError("gnb_fraction: the model has not run a forward in train mode since it was given to "
+                               "the optimizer; the sub-batch is taken from that forward's inputs")
+        args, kwargs, autocast = self._inputs
+        batch = _batch_size(args, kwargs)
+        rows = min(batch, max(2, round(fraction * batch)))
+        args, kwargs = _leading_rows((args, kwargs), batch, rows)
+        wanted = {id(p) for p in params}
+        switched = [p for p in self.module.parameters() if p.requires_grad and id(p) not in wanted]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = [(i, torch.cuda.get_rng_state(i)) for i in _cuda_devices(params)]
+        self._running = True
+        try:
+            for p in switched:
+                p.requires_grad_(False)
+            autocast_ctx = (torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
+                            if autocast is not None else contextlib.nullcontext())
+            with module_buffers_restored(self.buffers), torch.enable_grad():
+                with autocast_ctx:
+                    logits = self.module(*args, **kwargs)
+                if not isinstance(logits, Tensor) or logits.ndim != 2:
+                    raise ValueError("gnb_fraction needs a model whose forward returns [batch, classes] logits; "
+                                     "leave gnb_fraction unset and return (loss, logits) from loss_fn instead")
+                return gauss_newton_bartlett(logits, params, generator)
+        finally:
+            self._running = False
+            for p in switched:
+                p.requires_grad_(True)
+            torch.set_rng_state(cpu_rng)
+            for i, state in cuda_rng:
+                torch.cuda.set_rng_state(state, i)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to run the sub-batch through: past DDP's reducer and torch.compile's wrapper."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _tensors(inputs: Any) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)):
+        return [t for x in inputs for t in _tensors(x)]
+    if isinstance(inputs, dict):
+        return [t for x in inputs.values() for t in _tensors(x)]
+    return []
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    batched = [t for t in _tensors((args, kwargs)) if t.ndim >= 1]
+    if not batched:
+        raise ValueError("gnb_fraction: the model's forward took no tensor input to take a sub-batch from")
+    return batched[0].shape[0]
+
+
+def _leading_rows(inputs: Any, batch: int, rows: int) -> Any:
+    """Every tensor whose first dimension is the batch, cut to its first ``rows`` rows."""
+    if isinstance(inputs, Tensor):
+        return inputs[:rows] if inputs.ndim >= 1 and inputs.shape[0] == batch else inputs
+    if isinstance(inputs, tuple):
+        return tuple(_leading_rows(x, batch, rows) for x in inputs)
+    if isinstance(inputs, list):
+        return [_leading_rows(x, batch, rows) for x in inputs]
+    if isinstance(inputs, dict):
+        return {k: _leading_rows(v, batch, rows) for k, v in inputs.items()}
+    return inputs
+
+
+def _autocast_state(args: tuple, kwargs: dict) -> tuple[str, bool, torch.dtype] | None:
+    tensors = _tensors((args, kwargs))
+    if not tensors:
+        return None
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda"):
+        return None
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _cuda_devices(params: Sequence[Tensor]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})

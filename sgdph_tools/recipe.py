@@ -63,6 +63,7 @@ class OptimizerCfg:
     estimator: Literal["rowsum", "hutchinson", "diagonal", "gnb"] = "rowsum"
     engine: Literal["autograd", "finite_difference", "gauss_newton"] = "autograd"
     hessian_every: int = 1
+    gnb_fraction: float | None = None  # estimator=gnb: its own forward on this fraction of the batch
     authors_code: bool = False  # the authors' released update rule, step for step (docs/algorithm.md)
     second_order_kinds: list[str] | None = None  # None: every channel-wise 1-D kind
     kwargs: dict[str, Any] = field(default_factory=dict)  # anything else the optimizer takes
@@ -234,6 +235,9 @@ def _check_semantics(recipe: Recipe) -> None:
     if o.authors_code and (o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None):
         raise UserError("optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, "
                         "hessian_every=1 and chooses its own parameters (drop optimizer.second_order_kinds)")
+    if o.gnb_fraction is not None and (o.estimator != "gnb" or not 0 < o.gnb_fraction <= 1):
+        raise UserError(f"recipe key 'optimizer.gnb_fraction' takes a value in (0, 1] with optimizer.estimator=gnb, "
+                        f"got {o.gnb_fraction} with estimator={o.estimator}")
     double_backward = o.name == "sgdph" and o.estimator != "gnb" and o.engine in ("autograd", "gauss_newton")
     if t.compile and (o.name == "adahessian" or double_backward):
         raise UserError(

@@ -1,6 +1,7 @@
 """``sgdph bench``: step time and peak memory of every SGD-PH mode, as ratios to SGDM in the same run."""
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def bench_command(
     rounds: int = typer.Option(1, "--rounds", help="Rounds over all modes, interleaved; medians over rounds."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per measurement (default: torch's)."),
+    only: list[str] = typer.Option([], "--only", help="Measure only the modes whose label matches this glob "
+                                   "(repeatable, e.g. --only 'sgdph gnb*' --only adahessian); SGDM always runs."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the records to this JSON file."),
 ) -> None:
     """SGDM, AdamW, timm's Adahessian and SGD-PH in every mode (estimator × engine × hessian_every 1, 10)."""
@@ -42,19 +45,25 @@ def bench_command(
                         ("--rounds", rounds)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    modes = all_modes()
+    if only:
+        modes = [m for m in modes if m.optimizer == "sgdm" or any(fnmatch.fnmatch(m.label, p) for p in only)]
+        if len(modes) == 1:
+            labels = ", ".join(m.label for m in all_modes())
+            raise UserError(f"--only {' '.join(only)!r} matches no mode; the modes are: {labels}")
     settings = Settings(model=model, batch=batch, img_size=img_size, num_classes=num_classes, steps=steps,
                         device=device, threads=threads)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
     console.print(f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}")
     with console.status("measuring") as status:
-        records = run(all_modes(), settings, rounds,
+        records = run(modes, settings, rounds,
                       on_result=lambda mode, r: status.update(f"measured {mode.label}: {r['time_ratio']:.2f}x"))
     table = Table(title=f"step time and peak memory, ratios to SGDM in this run (medians of {rounds} round(s))",
                   title_justify="left")
     for column in ("optimizer", "step ms", "time / SGDM", "peak MB", "memory / SGDM"):
         table.add_column(column)
     for r in records:
-        label = Mode(r["optimizer"], r["estimator"], r["engine"], r["hessian_every"]).label
+        label = Mode(r["optimizer"], r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"]).label
         memory = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
         table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_mb']:.0f}", memory)
     console.print(table)

@@ -45,7 +45,7 @@ def hessian_command(
     max_tensors: int = typer.Option(8, "--max-tensors", help="At most this many tensors (the first that match)."),
     max_channels: int = typer.Option(32, "--max-channels", help="Exact rows for at most this many channels per tensor."),
     draws: int = typer.Option(100, "--draws", help="Draws averaged for the stochastic estimators (hutchinson, gnb)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random batch and the probes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialisation (a model built by name), the random batch and the probes."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report to this JSON file."),
 ) -> None:
     """Exact Hessian and Gauss-Newton blocks (float64) against every estimate, per second-order tensor."""
@@ -57,6 +57,7 @@ def hessian_command(
             raise UserError(f"{name} must be at least 1, got {value}")
     if batch < 2:
         raise UserError("--batch must be at least 2 (BatchNorm in train mode needs two examples)")
+    torch.manual_seed(seed)  # a model built by name is initialised from the seed too: the report is reproducible
     model, spec, _ = load_model(source, num_classes=num_classes, img_size=img_size)
     names = select_tensors(model, layers, max_tensors)
     if not names:
@@ -77,7 +78,8 @@ def hessian_command(
     for column in ("tensor", "estimator", "engine", "target", "draws", "cosine", "relative error"):
         table.add_column(column)
     for r in report["estimates"]:
-        table.add_row(r["tensor"], r["estimator"], r["engine"] or "-", r["target"], str(r["draws"]),
+        how = r["engine"] or (f"batch x {r['gnb_fraction']:g}" if r.get("gnb_fraction") is not None else "-")
+        table.add_row(r["tensor"], r["estimator"], how, r["target"], str(r["draws"]),
                       f"{r['cosine']:.4f}", f"{r['relative_error']:.2e}")
     console.print(table)
     if json_out is not None:

@@ -15,7 +15,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd as sgd_functional
 
 from .. import distributed
-from ..gauss_newton import GGNVectorProduct, gauss_newton_bartlett
+from ..gauss_newton import GGNVectorProduct, SubBatchGNB, gauss_newton_bartlett
 from ..hessian import (
     ENGINES,
     ESTIMATORS,
@@ -41,7 +41,7 @@ OPTIMIZER_ENGINES = (*ENGINES, "gauss_newton")
 
 #: Settings that hold for the whole optimizer (one engine per step; Hutchinson probes every tensor
 #: at once). They sit in every param group, so they travel with ``state_dict()``; all groups agree.
-OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "authors_code", "seed")
+OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "gnb_fraction", "authors_code", "seed")
 
 _MISSING_GRAPH = (
     "SGDPH needs the gradient graph of the second-order parameters to estimate their Hessian: call "
@@ -116,12 +116,17 @@ class SGDPH(Optimizer):
         estimator: ``"rowsum"`` (the paper's ``H_kk·1``), ``"hutchinson"`` (``z ⊙ Hz``, unbiased
             for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
             ``"gnb"`` (Gauss-Newton-Bartlett: ``B·ĝ⊙ĝ`` for labels sampled from the model,
-            unbiased for the GGN diagonal, non-negative, one extra backward; reads the logits).
+            unbiased for the GGN diagonal, non-negative, one extra backward; reads the logits, or
+            runs its own forward on a sub-batch with ``gnb_fraction``).
         engine: what the products are: ``"autograd"`` (Hessian, double backward),
             ``"finite_difference"`` (Hessian, one extra forward and a 1-D-only backward, no
             ``create_graph``; needs a closure or ``loss_fn``) or ``"gauss_newton"`` (exact
             GGN-vector products, positive semi-definite; reads the logits). ``gnb`` needs none.
         hessian_every: refresh the Hessian every k steps (default 1).
+        gnb_fraction: with ``estimator="gnb"``: estimate from the model's own forward on this
+            leading fraction of the step's batch (``model`` required: its inputs are recorded by a
+            forward hook) instead of from the step's logits; the step's backward then keeps no
+            graph, and no logits need be returned. Default None (the step's logits).
         authors_code: reproduce the authors' update rule (see above).
         seed: seed of the Hutchinson probes; the probes of step t on rank r are a function of
             (seed, r, t) alone, so there is no generator state to save.
@@ -178,6 +183,7 @@ class SGDPH(Optimizer):
         estimator: str = "rowsum",
         engine: str = "autograd",
         hessian_every: int = 1,
+        gnb_fraction: float | None = None,
         authors_code: bool = False,
         seed: int = 0,
         foreach: bool | None = None,
@@ -201,11 +207,23 @@ class SGDPH(Optimizer):
                 raise ValueError("authors_code=True needs 0 < momentum < 1 (their Hessian EMA uses it)")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the one the closure runs), got {type(model).__name__}")
+        if gnb_fraction is not None:
+            if not (isinstance(gnb_fraction, (int, float)) and 0.0 < gnb_fraction <= 1.0):
+                raise ValueError(f"invalid gnb_fraction: {gnb_fraction} (must be in (0, 1], or None)")
+            if estimator != "gnb":
+                raise ValueError(f"gnb_fraction applies to estimator='gnb' only (got estimator={estimator!r})")
+            if model is None:
+                raise ValueError("gnb_fraction needs model=<the module the loss runs>: the sub-batch is taken from "
+                                 "its recorded inputs")
         self.model = model
+        # Records the model's inputs while the optimizer estimates GNB from a sub-batch (a hook is
+        # registered whenever a model is given: a loaded checkpoint may switch gnb_fraction on).
+        self._sub_batch = (SubBatchGNB(model, list(model.buffers()), recording=lambda: self._gnb_fraction is not None)
+                           if model is not None else None)
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum,
             eps=eps, foreach=foreach, estimator=estimator, engine=engine, hessian_every=hessian_every,
-            authors_code=bool(authors_code), seed=seed,
+            gnb_fraction=gnb_fraction, authors_code=bool(authors_code), seed=seed,
         )
         super().__init__(second_order_groups(params, authors_code=authors_code), defaults)
 
@@ -224,6 +242,10 @@ class SGDPH(Optimizer):
         return self.param_groups[0]["hessian_every"]
 
     @property
+    def _gnb_fraction(self) -> float | None:
+        return self.param_groups[0]["gnb_fraction"] if self.estimator == "gnb" else None
+
+    @property
     def authors_code(self) -> bool:
         return self.param_groups[0]["authors_code"]
 
@@ -231,12 +253,17 @@ class SGDPH(Optimizer):
     def is_second_order(self) -> bool:
         """timm's convention: True when the caller's backward must keep the graph (``create_graph``):
         for the double backward of the autograd engine, and for the estimates that read the logits
-        (``gnb``, ``gauss_newton``) after the backward. Only the finite-difference engine needs none."""
-        return self.engine != "finite_difference" or self.estimator == "gnb"
+        (``gnb``, ``gauss_newton``) after the backward. The finite-difference engine and ``gnb`` with
+        ``gnb_fraction`` (its own forward) need none."""
+        if self.estimator == "gnb":
+            return self._gnb_fraction is None
+        return self.engine != "finite_difference"
 
     @property
     def _reads_logits(self) -> bool:
-        return self.estimator == "gnb" or self.engine == "gauss_newton"
+        if self.estimator == "gnb":
+            return self._gnb_fraction is None
+        return self.engine == "gauss_newton"
 
     @property
     def _double_backward(self) -> bool:
@@ -489,14 +516,18 @@ class SGDPH(Optimizer):
 
     def _estimate(self, refresh: list[Tensor], hvp_for: Callable[[list[Tensor]], HVP], logits: Tensor | None,
                   step: int, scale: float) -> dict[Tensor, Tensor]:
-        if self._reads_logits:
-            if logits is None:
-                raise RuntimeError(_NEEDS_LOGITS)
-            scale = 1.0  # computed from the logits, not from the (scaled) loss
+        if self._reads_logits and logits is None:
+            raise RuntimeError(_NEEDS_LOGITS)
+        if self._reads_logits or self.estimator == "gnb":
+            scale = 1.0  # computed from logits, not from the (scaled) loss
         generator = self._probe_generator(step)
         try:
             with torch.enable_grad():
-                if self.estimator == "gnb":
+                if self._gnb_fraction is not None:
+                    if self._sub_batch is None:
+                        raise RuntimeError("gnb_fraction needs the optimizer built with model=<the module the loss runs>")
+                    h = self._sub_batch.estimate(refresh, self._gnb_fraction, generator)
+                elif self.estimator == "gnb":
                     h = gauss_newton_bartlett(logits, refresh, generator)
                 else:
                     engine = GGNVectorProduct(logits, refresh) if self.engine == "gauss_newton" else hvp_for(refresh)

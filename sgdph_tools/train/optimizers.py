@@ -40,7 +40,8 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
         return SGDPH(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             so_lr=cfg.so_lr, hessian_momentum=cfg.hessian_momentum, estimator=cfg.estimator, engine=cfg.engine,
-            hessian_every=cfg.hessian_every, authors_code=cfg.authors_code, model=model, **extra,
+            hessian_every=cfg.hessian_every, gnb_fraction=cfg.gnb_fraction, authors_code=cfg.authors_code,
+            model=model, **extra,
         )
     if cfg.name == "apollo":
         from pytorch_optimizer import ApolloDQN

@@ -15,7 +15,8 @@ def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path
     assert [b["tensor"] for b in report["blocks"]] == ["features.0.1.weight", "features.0.1.bias"]
     assert all(b["channels"] == 4 and b["hessian_off_diagonal"] > 0.01 for b in report["blocks"])  # not diagonal
     rows = report["estimates"]
-    assert len(rows) == 2 * 10
+    assert len(rows) == 2 * 12  # 9 estimator x engine pairs, gnb on the batch, its half and its quarter
+    assert sorted({r["gnb_fraction"] for r in rows if r["estimator"] == "gnb"}) == [0.25, 0.5, 1.0]
     for r in rows:
         if r["estimator"] in ("rowsum", "diagonal") and r["engine"] != "finite_difference":
             assert r["relative_error"] < 1e-8, r
@@ -24,6 +25,11 @@ def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path
         if r["estimator"] in ("hutchinson", "gnb"):
             assert r["draws"] == 3  # convergence of the means: tests/test_gauss_newton.py, tests/test_hessian.py
     assert "estimates against their exact target" in result.stdout
+    # The same command again gives the same report: the model's initialisation is seeded too.
+    again = tmp_path / "again.json"
+    sgdph("hessian", "small_cnn", "--batch", "8", "--img-size", "8", "--max-tensors", "2",
+          "--max-channels", "4", "--draws", "3", "--dtype", "float64", "--json", str(again))
+    assert json.loads(again.read_text()) == report
 
 
 def test_bad_inputs_are_one_line_errors():

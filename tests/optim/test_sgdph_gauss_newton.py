@@ -99,3 +99,69 @@ def test_without_logits_or_with_a_freed_graph_the_error_names_the_fix():
 
     with pytest.raises(RuntimeError, match="create_graph=optimizer.is_second_order"):
         opt.step(closure)
+
+
+# ----------------------------------------------------------------------------- GNB from a sub-batch
+
+
+@pytest.mark.parametrize("fraction, rows", [(1.0, 8), (0.5, 4), (0.1, 2)])
+def test_gnb_fraction_is_the_primitive_on_the_leading_rows(fraction, rows):
+    """The sub-batch estimate is exactly GNB on the logits of the batch's first rows (at least 2,
+    for BatchNorm), drawn with the step's generator: unbiased for that sub-batch's GGN diagonal."""
+    torch.manual_seed(0)
+    net = conv_bn_net().double()
+    x, y = batch_for(net, dtype=torch.float64)
+    params = sgdph_param_groups(net)[0]["params"]
+    opt = SGDPH(sgdph_param_groups(net), lr=0.0, estimator="gnb", gnb_fraction=fraction, model=net, seed=3)
+    assert not opt.is_second_order  # the step's own backward keeps no graph
+    expected = gauss_newton_bartlett(net(x[:rows]), params, opt._probe_generator(1))
+    opt.step(loss_fn=lambda: F.cross_entropy(net(x), y))  # no logits needed
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(opt.state[p]["hessian_ema"], 0.1 * e, rtol=1e-10, atol=1e-14)
+
+
+def test_gnb_fraction_leaves_the_training_run_as_it_was():
+    """Its extra forward changes no BatchNorm statistic, no RNG draw (dropout) and no requires_grad
+    flag: after one step the buffers and the RNG are where the step from the logits leaves them."""
+    after = []
+    for fraction in (None, 0.5):
+        torch.manual_seed(0)
+        net = conv_bn_net(dropout=0.3)
+        opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="gnb", gnb_fraction=fraction, model=net)
+        x, y = batch_for(net)
+        opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
+        assert all(p.requires_grad for p in net.parameters())
+        after.append([b.clone() for b in net.buffers()] + [torch.rand(3)])
+    for plain, sub_batch in zip(*after):
+        torch.testing.assert_close(sub_batch, plain, rtol=0, atol=0)
+    assert int(after[1][2]) == 1  # num_batches_tracked: one forward counted
+
+
+def test_gnb_fraction_runs_in_a_standard_loop():
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="gnb", gnb_fraction=0.5, model=net)
+    for step in range(2):  # timm's loop: backward(create_graph=optimizer.is_second_order), step()
+        x, y = batch_for(net, seed=step)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward(create_graph=opt.is_second_order)
+        opt.step()
+    for p in opt.param_groups[0]["params"]:
+        assert opt.state[p]["hessian_refreshes"] == 2 and opt.state[p]["hessian_ema"].sum() > 0
+
+
+def test_gnb_fraction_errors_name_the_fix():
+    net = conv_bn_net()
+    groups = sgdph_param_groups(net)
+    with pytest.raises(ValueError, match="needs model="):
+        SGDPH(groups, estimator="gnb", gnb_fraction=0.5)
+    with pytest.raises(ValueError, match="estimator='gnb' only"):
+        SGDPH(groups, estimator="rowsum", gnb_fraction=0.5, model=net)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+            SGDPH(groups, estimator="gnb", gnb_fraction=bad, model=net)
+    opt = SGDPH(groups, estimator="gnb", gnb_fraction=0.5, model=net)
+    x, y = batch_for(net)
+    net.eval()  # an eval forward is not recorded: there is no training input yet
+    with pytest.raises(RuntimeError, match="has not run a forward in train mode"):
+        opt.step(loss_fn=lambda: F.cross_entropy(net(x), y))
