@@ -18,6 +18,7 @@ Reported after the given steps, mean over seeds: ‖θ_rule − θ_default‖ / 
 difference relative to how far training moved the parameters), over all parameters and over the
 second-order (1-D) ones alone.
 """
+
 from __future__ import annotations
 
 import argparse

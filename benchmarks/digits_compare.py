@@ -7,6 +7,7 @@ uses the lr / weight decay of the paper's CIFAR setting (SGDM 0.1 / 5e-4, SGD-PH
 cosine decay, batch 64. The runs of different optimizers are interleaved seed by seed, so that a
 slow moment of this noisy machine does not land on one optimizer only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, cfg in CONFIGS.items():
             results[name].append(train_digits(epochs=args.epochs, seed=seed, **cfg))
-    print(f"digits, small_cnn, {args.epochs} epochs, seeds 0..{args.seeds - 1}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads\n")
+    print(
+        f"digits, small_cnn, {args.epochs} epochs, seeds 0..{args.seeds - 1}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads\n"
+    )
     print("| optimizer | test accuracy % (mean ± std) | per seed | seconds per run (mean) |")
     print("|---|---|---|---|")
     for name, runs in results.items():

@@ -6,6 +6,7 @@ Each round times every configuration for ``--steps`` steps (after one warm-up st
 interleaved so machine noise spreads over all of them; the table reports the median over rounds of
 (time per step) / (SGDM's time per step in that round), and peak memory where CUDA is used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,16 @@ def make_step(name, cfg, model, x, y):
         usage = cfg.pop("usage")
         opt = SGDPH(sgdph_param_groups(model), lr=1e-3, **cfg)
         if usage == "A":
+
             def step():
                 opt.zero_grad(set_to_none=True)
                 loss_fn().backward(create_graph=True)
                 opt.step()
         else:
+
             def step():
                 opt.step(loss_fn=loss_fn)
+
     return step
 
 
@@ -99,8 +103,10 @@ def main() -> None:
             ratios[name].append(times[name] / times["SGDM"])
         base = times["SGDM"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}, {args.classes} classes, batch {args.batch} of {args.img}x{args.img}, {where}, "
-          f"torch {torch.__version__}; SGDM step in the last round: {base * 1000:.0f} ms\n")
+    print(
+        f"{args.model}, {args.classes} classes, batch {args.batch} of {args.img}x{args.img}, {where}, "
+        f"torch {torch.__version__}; SGDM step in the last round: {base * 1000:.0f} ms\n"
+    )
     head = "| configuration | time per step / SGDM (median of rounds) | all rounds |"
     print(head + (" peak memory / SGDM |" if memory else ""))
     print("|---|---|---|" + ("---|" if memory else ""))

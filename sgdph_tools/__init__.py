@@ -3,6 +3,7 @@
 Importing the package registers the ``sgdph`` optimizer with timm's optimizer factory and this
 project's models (``resnet18_cifar``, ``vgg19_nobn``, ``small_cnn``, ...) with timm's model registry.
 """
+
 from importlib.metadata import PackageNotFoundError, version
 
 from . import models  # noqa: F401  (registers the models with timm)

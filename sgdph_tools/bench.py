@@ -12,6 +12,7 @@ squeeze the ratios). Ratios are to SGDM measured in the same run.
 
 ``diagonal`` is left out: one product per element is a diagnostic, not a training mode.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-ESTIMATOR_ENGINES = [("rowsum", "autograd"), ("rowsum", "finite_difference"), ("rowsum", "gauss_newton"),
-                     ("hutchinson", "autograd"), ("hutchinson", "finite_difference"), ("hutchinson", "gauss_newton"),
-                     ("gnb", None)]
+ESTIMATOR_ENGINES = [
+    ("rowsum", "autograd"),
+    ("rowsum", "finite_difference"),
+    ("rowsum", "gauss_newton"),
+    ("hutchinson", "autograd"),
+    ("hutchinson", "finite_difference"),
+    ("hutchinson", "gauss_newton"),
+    ("gnb", None),
+]
 #: gnb from its own forward on this fraction of the batch (the optimizer's ``gnb_fraction``).
 GNB_FRACTIONS = (0.25,)
 
@@ -86,8 +93,15 @@ def _build(mode: Mode, model):
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     if mode.optimizer == "adahessian":
         return Adahessian(model.parameters(), lr=1e-3)
-    return SGDPH(sgdph_param_groups(model), lr=1e-3, estimator=mode.estimator, engine=mode.engine or "autograd",
-                 hessian_every=mode.hessian_every, gnb_fraction=mode.gnb_fraction, model=model)
+    return SGDPH(
+        sgdph_param_groups(model),
+        lr=1e-3,
+        estimator=mode.estimator,
+        engine=mode.engine or "autograd",
+        hessian_every=mode.hessian_every,
+        gnb_fraction=mode.gnb_fraction,
+        model=model,
+    )
 
 
 def _measure(mode: Mode, s: Settings) -> dict:
@@ -97,6 +111,7 @@ def _measure(mode: Mode, s: Settings) -> dict:
     import timm
 
     import sgdph_tools  # noqa: F401  (registers the project's models)
+
     from .optim import SGDPH
 
     warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
@@ -165,8 +180,13 @@ def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list
             for i, mode in enumerate(modes):
                 measured = pool.apply(_measure, (mode, s))
                 base = base or measured
-                per_round[i].append({**measured, "time_ratio": measured["step_ms"] / base["step_ms"],
-                                     "memory_ratio": measured["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None})
+                per_round[i].append(
+                    {
+                        **measured,
+                        "time_ratio": measured["step_ms"] / base["step_ms"],
+                        "memory_ratio": measured["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None,
+                    }
+                )
                 if on_result is not None:
                     on_result(mode, per_round[i][-1])
     records = []

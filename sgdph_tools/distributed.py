@@ -1,4 +1,5 @@
 """The few torch.distributed helpers the optimizer and the trainer share."""
+
 from __future__ import annotations
 
 from collections import defaultdict

@@ -1,4 +1,5 @@
 """The project's user-facing error: one line that names the problem and the fix."""
+
 from __future__ import annotations
 
 import difflib

@@ -20,6 +20,7 @@ examples averaged).
 The model runs in train mode (BatchNorm on batch statistics, as in training) with its stochastic
 layers (dropout, drop-path) switched off, so every evaluation computes the same function.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,10 +36,18 @@ from .gauss_newton import GGNVectorProduct, gauss_newton_bartlett
 from .hessian import AutogradHVP, FiniteDifferenceHVP, ForwardReplay, estimate, math_attention
 from .optim import sgdph_param_groups
 
-COMBINATIONS = [("rowsum", "autograd"), ("rowsum", "finite_difference"), ("rowsum", "gauss_newton"),
-                ("hutchinson", "autograd"), ("hutchinson", "finite_difference"), ("hutchinson", "gauss_newton"),
-                ("diagonal", "autograd"), ("diagonal", "finite_difference"), ("diagonal", "gauss_newton"),
-                ("gnb", None)]
+COMBINATIONS = [
+    ("rowsum", "autograd"),
+    ("rowsum", "finite_difference"),
+    ("rowsum", "gauss_newton"),
+    ("hutchinson", "autograd"),
+    ("hutchinson", "finite_difference"),
+    ("hutchinson", "gauss_newton"),
+    ("diagonal", "autograd"),
+    ("diagonal", "finite_difference"),
+    ("diagonal", "gauss_newton"),
+    ("gnb", None),
+]
 GNB_FRACTIONS = (1.0, 0.5, 0.25)
 STOCHASTIC = ("hutchinson", "gnb")
 
@@ -113,8 +122,17 @@ def _compare(estimate_: Tensor, target: Tensor) -> tuple[float, float]:
     return cosine, relative
 
 
-def exactness_report(model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str], *, dtype: torch.dtype = torch.float32,
-                     max_channels: int = 32, draws: int = 100, seed: int = 0) -> dict:
+def exactness_report(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    names: Sequence[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_channels: int = 32,
+    draws: int = 100,
+    seed: int = 0,
+) -> dict:
     """Block structure and every estimate's agreement with its exact target, per tensor in ``names``."""
     if not names:
         raise ValueError("no tensor selected: the model has no second-order tensor matching the pattern")
@@ -133,11 +151,21 @@ def exactness_report(model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str
         channels_of[k] = channels
         H = _rows(exact.autograd, k, n, channels, p)
         G = _rows(exact.gauss_newton, k, n, channels, p)
-        targets[k] = {"H·1": H.sum(1), "diag H": H[range(len(channels)), channels],
-                      "G·1": G.sum(1), "diag G": G[range(len(channels)), channels]}
-        blocks.append({"tensor": name, "numel": n, "channels": len(channels),
-                       "hessian_off_diagonal": _off_diagonal_ratio(H, channels),
-                       "ggn_off_diagonal": _off_diagonal_ratio(G, channels)})
+        targets[k] = {
+            "H·1": H.sum(1),
+            "diag H": H[range(len(channels)), channels],
+            "G·1": G.sum(1),
+            "diag G": G[range(len(channels)), channels],
+        }
+        blocks.append(
+            {
+                "tensor": name,
+                "numel": n,
+                "channels": len(channels),
+                "hessian_off_diagonal": _off_diagonal_ratio(H, channels),
+                "ggn_off_diagonal": _off_diagonal_ratio(G, channels),
+            }
+        )
 
     generator = torch.Generator().manual_seed(seed)
     all_k = list(range(len(names)))
@@ -151,20 +179,34 @@ def exactness_report(model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str
                 logits = test.logits if rows == len(x) else test_model(x[:rows].to(dtype))
             samples = [gauss_newton_bartlett(logits, test_params, generator) for _ in range(draws)]
         elif estimator == "hutchinson":
-            samples = [estimate("hutchinson", test.engine(engine_name), test_params, all_k, generator) for _ in range(draws)]
+            samples = [
+                estimate("hutchinson", test.engine(engine_name), test_params, all_k, generator) for _ in range(draws)
+            ]
         elif estimator == "rowsum":
             samples = [estimate("rowsum", test.engine(engine_name), test_params, all_k)]
         else:  # diagonal: only the chosen channels, one product each
             engine = test.engine(engine_name)
-            samples = [[_rows(engine, k, p.numel(), channels_of[k], p)[range(len(channels_of[k])), channels_of[k]]
-                        for k, p in enumerate(test_params)]]
+            samples = [
+                [
+                    _rows(engine, k, p.numel(), channels_of[k], p)[range(len(channels_of[k])), channels_of[k]]
+                    for k, p in enumerate(test_params)
+                ]
+            ]
         for k, name in enumerate(names):
             values = torch.stack([s[k].detach().reshape(-1) for s in samples]).double().mean(0)
             if estimator != "diagonal":
                 values = values[channels_of[k]]
             cosine, relative = _compare(values, targets[k][target_key])
-            rows_out.append({"tensor": name, "estimator": estimator, "engine": engine_name, "gnb_fraction": fraction,
-                             "target": target_key,
-                             "draws": draws if estimator in STOCHASTIC else 1, "cosine": cosine,
-                             "relative_error": relative})
+            rows_out.append(
+                {
+                    "tensor": name,
+                    "estimator": estimator,
+                    "engine": engine_name,
+                    "gnb_fraction": fraction,
+                    "target": target_key,
+                    "draws": draws if estimator in STOCHASTIC else 1,
+                    "cosine": cosine,
+                    "relative_error": relative,
+                }
+            )
     return {"dtype": str(dtype).removeprefix("torch."), "blocks": blocks, "estimates": rows_out}

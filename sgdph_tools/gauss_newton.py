@@ -27,6 +27,7 @@ label-smoothed or class-weighted loss is the same matrix up to per-example weigh
 do not take such weights, and the estimators have no labels to check: the optimizer's recipes
 reject ``label_smoothing`` with them where the project sets it (nothing does yet).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,9 @@ def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
     return params
 
 
-def gauss_newton_bartlett(logits: Tensor, params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+def gauss_newton_bartlett(
+    logits: Tensor, params: Sequence[Tensor], generator: torch.Generator | None = None
+) -> list[Tensor]:
     """``B·ĝ⊙ĝ`` per parameter, ĝ the gradient of the mean cross-entropy of ``logits`` against labels
     sampled from ``softmax(logits)``: an unbiased estimate of the GGN diagonal. The graph of
     ``logits`` is kept for the caller. ``generator``'s device is where the labels are drawn."""
@@ -85,8 +88,9 @@ class GGNVectorProduct:
         self.probs = torch.softmax(logits.detach(), dim=1)
         # Jᵀu for a dummy u, kept as a function of u: its vjp with v is J v.
         self._u = torch.zeros_like(logits, requires_grad=True)
-        self._jt_u = torch.autograd.grad(logits, self.params, self._u, create_graph=True, retain_graph=True,
-                                         allow_unused=True)
+        self._jt_u = torch.autograd.grad(
+            logits, self.params, self._u, create_graph=True, retain_graph=True, allow_unused=True
+        )
 
     def __call__(self, vectors: dict[int, Tensor], wanted: Sequence[int]) -> list[Tensor]:
         pairs = [(self._jt_u[i], v) for i, v in vectors.items() if self._jt_u[i] is not None]
@@ -118,17 +122,18 @@ class SubBatchGNB:
     """Gauss-Newton-Bartlett from the model's own forward on a leading fraction of the batch.
 
     A forward pre-hook on ``model`` records the inputs of its latest forward in train mode while
-    ``recording()`` is true (references, no copy). :meth:`estimate` slices every input tensor whose first dimension is the batch to its
-    first ``b = max(2, round(fraction·B))`` rows, runs the model on them with only ``params``
-    requiring gradients (the backward computes no weight gradient), and returns ``b·ĝ⊙ĝ``: unbiased
-    for the GGN diagonal of those b examples. What the training run sees is untouched: BatchNorm
-    buffers are put back, the global RNG (dropout) is restored, the recorded autocast is re-entered,
-    and under ``DistributedDataParallel`` or ``torch.compile`` the wrapped module runs (no reducer,
-    no recompilation for the smaller batch).
+    ``recording()`` is true (references, no copy). :meth:`estimate` slices every input tensor whose
+    first dimension is the batch to its first ``b = max(2, round(fraction·B))`` rows, runs the model
+    on them with only ``params`` requiring gradients (the backward computes no weight gradient),
+    and returns ``b·ĝ⊙ĝ``: unbiased for the GGN diagonal of those b examples. What the training run
+    sees is untouched: BatchNorm buffers are put back, the global RNG (dropout) is restored, the
+    recorded autocast is re-entered, and under ``DistributedDataParallel`` or ``torch.compile`` the
+    wrapped module runs (no reducer, no recompilation for the smaller batch).
     """
 
-    def __init__(self, model: torch.nn.Module, buffers: Sequence[Tensor] = (),
-                 recording: Callable[[], bool] = lambda: True):
+    def __init__(
+        self, model: torch.nn.Module, buffers: Sequence[Tensor] = (), recording: Callable[[], bool] = lambda: True
+    ):
         self.buffers, self.recording = list(buffers), recording
         self.module = _unwrapped(model)
         self._inputs: tuple[tuple, dict, tuple[str, bool, torch.dtype] | None] | None = None
@@ -142,14 +147,17 @@ class SubBatchGNB:
     def remove(self) -> None:
         self._handle.remove()
 
-    def estimate(self, params: Sequence[Tensor], fraction: float,
-                 generator: torch.Generator | None = None) -> list[Tensor]:
+    def estimate(
+        self, params: Sequence[Tensor], fraction: float, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
         params = _check_params(params)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"invalid gnb_fraction: {fraction} (must be in (0, 1])")
         if self._inputs is None:
-            raise RuntimeError("gnb_fraction: the model has not run a forward in train mode since it was given to "
-                               "the optimizer; the sub-batch is taken from that forward's inputs")
+            raise RuntimeError(
+                "gnb_fraction: the model has not run a forward in train mode since it was given to "
+                "the optimizer; the sub-batch is taken from that forward's inputs"
+            )
         args, kwargs, autocast = self._inputs
         batch = _batch_size(args, kwargs)
         rows = min(batch, max(2, round(fraction * batch)))
@@ -162,14 +170,19 @@ class SubBatchGNB:
         try:
             for p in switched:
                 p.requires_grad_(False)
-            autocast_ctx = (torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
-                            if autocast is not None else contextlib.nullcontext())
+            autocast_ctx = (
+                torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
+                if autocast is not None
+                else contextlib.nullcontext()
+            )
             with module_buffers_restored(self.buffers), torch.enable_grad():
                 with autocast_ctx:
                     logits = self.module(*args, **kwargs)
                 if not isinstance(logits, Tensor) or logits.ndim != 2:
-                    raise ValueError("gnb_fraction needs a model whose forward returns [batch, classes] logits; "
-                                     "leave gnb_fraction unset and return (loss, logits) from loss_fn instead")
+                    raise ValueError(
+                        "gnb_fraction needs a model whose forward returns [batch, classes] logits; "
+                        "leave gnb_fraction unset and return (loss, logits) from loss_fn instead"
+                    )
                 return gauss_newton_bartlett(logits, params, generator)
         finally:
             self._running = False

@@ -18,6 +18,7 @@ Two *engines* say how an HVP is computed:
   the same function as the first, so :class:`ForwardReplay` replays the RNG (dropout, drop-path) and
   restores every module buffer (BatchNorm running statistics) that the extra forward touches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -139,9 +140,16 @@ class ClosureReplay(ForwardReplay):
     the call (e.g. ``DistributedDataParallel.no_sync``).
     """
 
-    def __init__(self, closure: Callable[[], object], params: Sequence[Tensor], devices: Iterable[torch.device] = (),
-                 buffers: Sequence[Tensor] = (), *, cheap: bool = True,
-                 sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+    def __init__(
+        self,
+        closure: Callable[[], object],
+        params: Sequence[Tensor],
+        devices: Iterable[torch.device] = (),
+        buffers: Sequence[Tensor] = (),
+        *,
+        cheap: bool = True,
+        sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         super().__init__(closure, devices, buffers)  # type: ignore[arg-type]
         self.params, self.cheap, self.sync = list(params), cheap, sync
 
@@ -200,19 +208,13 @@ class AutogradHVP:
         """``(H v)`` restricted to ``params[j] for j in wanted``, where ``v`` is ``vectors[i]`` on
         ``params[i]`` and zero elsewhere."""
         pairs = [
-            (self.grads[i], v)
-            for i, v in vectors.items()
-            if self.grads[i] is not None and self.grads[i].requires_grad
+            (self.grads[i], v) for i, v in vectors.items() if self.grads[i] is not None and self.grads[i].requires_grad
         ]
         inputs = [self.params[j] for j in wanted]
         if not pairs:  # every gradient involved is constant: these Hessian rows are zero
             return [torch.zeros_like(p) for p in inputs]
         outputs, grad_outputs = zip(*pairs)
-        return list(
-            torch.autograd.grad(
-                outputs, inputs, grad_outputs, retain_graph=True, materialize_grads=True
-            )
-        )
+        return list(torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, materialize_grads=True))
 
 
 def finite_difference_step(params: Sequence[Tensor], vectors: Sequence[Tensor]) -> float:

@@ -1,4 +1,5 @@
 """Writing files so that nothing is lost: a crash mid-write leaves the previous file intact."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ parameter's kind, and the graph analysis asks them to decide whether a conv feed
 Decisions go by module type first (torch's and timm's classes); a class name that says "Norm" is
 the fallback for norm classes from other libraries (e.g. a model's own ``LlamaRMSNorm``).
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -30,12 +31,24 @@ _TORCH_NORMS: tuple[type, ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 _TIMM_NORMS: tuple[type, ...] = _timm_classes(
-    "RmsNorm", "RmsNormFp32", "RmsNorm2d", "RmsNorm2dFp32",
-    "SimpleNorm", "SimpleNormFp32", "SimpleNorm2d", "SimpleNorm2dFp32",
-    "FrozenBatchNormAct2d", "FrozenBatchNorm2d",
-    "EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2",
-    "EvoNorm2dS0", "EvoNorm2dS1", "EvoNorm2dS2",
-    "FilterResponseNormTlu2d", "FilterResponseNormAct2d",
+    "RmsNorm",
+    "RmsNormFp32",
+    "RmsNorm2d",
+    "RmsNorm2dFp32",
+    "SimpleNorm",
+    "SimpleNormFp32",
+    "SimpleNorm2d",
+    "SimpleNorm2dFp32",
+    "FrozenBatchNormAct2d",
+    "FrozenBatchNorm2d",
+    "EvoNorm2dB0",
+    "EvoNorm2dB1",
+    "EvoNorm2dB2",
+    "EvoNorm2dS0",
+    "EvoNorm2dS1",
+    "EvoNorm2dS2",
+    "FilterResponseNormTlu2d",
+    "FilterResponseNormAct2d",
     "GlobalResponseNorm",
 )
 

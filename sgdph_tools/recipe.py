@@ -6,9 +6,13 @@ reads a file, applies dotted ``key=value`` overrides and validates everything be
 built: an unknown key names the key and the closest valid one, a wrong type names the key and the
 expected type, an unknown choice lists the valid ones. ``docs/training.md`` documents every key.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError, did_you_mean
+
 
 @dataclass
 class ConversionCfg:
@@ -35,7 +40,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    name: Literal["digits", "shapes", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = None  # dataset folder (cifar*, imagefolder)
     download: bool = False  # cifar*: download into root when missing (needs internet)
     img_size: int | None = None  # default: digits 8, cifar 32, imagefolder 224, synthetic 32
@@ -43,10 +48,11 @@ class DataCfg:
     train_dir: str = "train"  # imagefolder: sub-folders of root
     val_dir: str = "val"
     augment: bool = True  # the dataset's standard training augmentation
+    val_fraction: float = 0.1  # held out of the training data, stratified, fixed; 0: no validation set
     num_classes: int = 10  # synthetic only (the others know theirs)
     channels: int = 3  # synthetic only
-    num_train: int = 512  # synthetic only
-    num_test: int = 128  # synthetic only
+    num_train: int | None = None  # shapes (default 10000), synthetic (512): generated training images
+    num_test: int | None = None  # shapes (default 2000), synthetic (128): generated test images
 
 
 @dataclass
@@ -111,6 +117,26 @@ class Recipe:
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
 
 
+# ----------------------------------------------------------------------------- reading YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that numbers in exponent form without a dot (``1e-8``,
+    ``5E-4``, ``1e6``) are numbers, as a user who writes them means, not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe YAML (a file or an override's value) with the number rule above."""
+    return yaml.load(text, Loader=_Loader)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -127,7 +153,9 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(inner)}"
     if origin is dict:
         return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _convert(value: Any, tp, key: str) -> Any:
@@ -138,8 +166,10 @@ def _convert(value: Any, tp, key: str) -> Any:
         return _build(tp, value, key)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise UserError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}"
-                            f"{did_you_mean(str(value), map(str, typing.get_args(tp)))}")
+            raise UserError(
+                f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}"
+                f"{did_you_mean(str(value), map(str, typing.get_args(tp)))}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -171,6 +201,8 @@ def _convert(value: Any, tp, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
+        if not math.isfinite(value):  # .inf / .nan: no recipe number means them
+            raise UserError(f"recipe key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -214,18 +246,34 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override '{text}' must look like section.key=value (e.g. optimizer.lr=0.05)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise UserError(f"override '{text}': the value is not valid YAML ({exc.problem})") from exc
     return key.strip(), value
 
 
+#: Optimizers from a package outside the hard dependencies: name -> (module, the extra that installs it).
+THIRD_PARTY_OPTIMIZERS = {"apollo": ("pytorch_optimizer", "baselines")}
+
+
 def _check_semantics(recipe: Recipe) -> None:
     t, o, s = recipe.trainer, recipe.optimizer, recipe.schedule
-    for key, value in (("trainer.epochs", t.epochs), ("trainer.batch_size", t.batch_size),
-                       ("optimizer.hessian_every", o.hessian_every), ("trainer.log_every", t.log_every)):
+    if o.name in THIRD_PARTY_OPTIMIZERS:
+        module, extra = THIRD_PARTY_OPTIMIZERS[o.name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"optimizer.name={o.name} needs the {module} package: pip install 'sgdph-tools[{extra}]'")
+    for key, value in (
+        ("trainer.epochs", t.epochs),
+        ("trainer.batch_size", t.batch_size),
+        ("optimizer.hessian_every", o.hessian_every),
+        ("trainer.log_every", t.log_every),
+    ):
         if value < 1:
             raise UserError(f"recipe key '{key}' must be at least 1, got {value}")
+    if not 0 <= recipe.data.val_fraction < 1:
+        raise UserError(
+            f"recipe key 'data.val_fraction' must be in [0, 1) (0: no validation set), got {recipe.data.val_fraction}"
+        )
     if o.lr <= 0:
         raise UserError(f"recipe key 'optimizer.lr' must be positive, got {o.lr}")
     if s.milestones != sorted(s.milestones):
@@ -233,11 +281,15 @@ def _check_semantics(recipe: Recipe) -> None:
     if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
         raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
     if o.authors_code and (o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None):
-        raise UserError("optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, "
-                        "hessian_every=1 and chooses its own parameters (drop optimizer.second_order_kinds)")
+        raise UserError(
+            "optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, "
+            "hessian_every=1 and chooses its own parameters (drop optimizer.second_order_kinds)"
+        )
     if o.gnb_fraction is not None and (o.estimator != "gnb" or not 0 < o.gnb_fraction <= 1):
-        raise UserError(f"recipe key 'optimizer.gnb_fraction' takes a value in (0, 1] with optimizer.estimator=gnb, "
-                        f"got {o.gnb_fraction} with estimator={o.estimator}")
+        raise UserError(
+            f"recipe key 'optimizer.gnb_fraction' takes a value in (0, 1] with optimizer.estimator=gnb, "
+            f"got {o.gnb_fraction} with estimator={o.estimator}"
+        )
     double_backward = o.name == "sgdph" and o.estimator != "gnb" and o.engine in ("autograd", "gauss_newton")
     if t.compile and (o.name == "adahessian" or double_backward):
         raise UserError(
@@ -263,7 +315,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise UserError(f"no such recipe file: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -12,6 +12,7 @@ momentum by ``eps`` alone and take a step ``so_lr / eps`` (10x with the defaults
 The authors' code avoids this by accident (its last 1-D tensor always gets an SGD step); here it is
 a rule: the classifier bias is tagged ``bias`` but grouped ``first_order``.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Small real networks shared by the tests."""
+
 from __future__ import annotations
 
 import socket
@@ -11,17 +12,30 @@ import torch.nn as nn
 def conv_bn_net(act: type[nn.Module] = nn.ReLU, num_classes: int = 3, dropout: float = 0.0) -> nn.Sequential:
     """conv-BN-act-conv-BN-act-pool-linear, the paper's setting in miniature."""
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), act(),
-        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), act(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(6, num_classes),
+        nn.Conv2d(2, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        act(),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        act(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(6, num_classes),
     )
 
 
 def ln_mlp(act: type[nn.Module] = nn.GELU, num_classes: int = 3, dropout: float = 0.0) -> nn.Sequential:
     """A pre-activation transformer-style MLP: linear-LayerNorm-act-linear-LayerNorm-act-linear."""
     return nn.Sequential(
-        nn.Linear(5, 8), nn.LayerNorm(8), act(), nn.Dropout(dropout),
-        nn.Linear(8, 7), nn.LayerNorm(7), act(), nn.Linear(7, num_classes),
+        nn.Linear(5, 8),
+        nn.LayerNorm(8),
+        act(),
+        nn.Dropout(dropout),
+        nn.Linear(8, 7),
+        nn.LayerNorm(7),
+        act(),
+        nn.Linear(7, num_classes),
     )
 
 

@@ -1,5 +1,6 @@
 """Gauss-Newton curvature against the GGN built by brute force in float64: the exact products, the
 estimators run on them, and Sophia's Gauss-Newton-Bartlett estimate converging to the exact diagonal."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ def brute_force_ggn(net, x, params):
     for i in range(B):
         for c in range(C):
             g = torch.autograd.grad(logits[i, c], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1)
-                                   for t, p in zip(g, params)]))
+            rows.append(
+                torch.cat([torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1) for t, p in zip(g, params)])
+            )
     J = torch.stack(rows).reshape(B, C, -1)
     p = torch.softmax(logits.detach(), dim=1)
     G = sum(J[i].T @ (torch.diag(p[i]) - torch.outer(p[i], p[i])) @ J[i] for i in range(B)) / B
@@ -61,7 +63,7 @@ def test_estimators_run_on_the_ggn():
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     rowsum = estimate("rowsum", engine, params, range(len(params)))
     for k, (s, n) in enumerate(zip(starts, sizes)):  # G_kk · 1: the row sums of each tensor's own block
-        torch.testing.assert_close(rowsum[k], G[s:s + n, s:s + n].sum(1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rowsum[k], G[s : s + n, s : s + n].sum(1), rtol=1e-10, atol=1e-12)
     diagonal = estimate("diagonal", engine, params, range(len(params)))
     torch.testing.assert_close(torch.cat(diagonal), torch.diagonal(G), rtol=1e-10, atol=1e-12)
     g = torch.Generator().manual_seed(0)

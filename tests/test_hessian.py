@@ -1,4 +1,5 @@
 """Every estimator and engine against the exact Hessian from torch.autograd.functional.hessian."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """The README's two fresh-machine commands stay true to what CI runs."""
+
 from __future__ import annotations
 
 import re

@@ -1,6 +1,8 @@
 """Recipe schema: validation messages, overrides, and every shipped recipe file."""
+
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,16 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_defaults_and_overrides():
-    recipe = recipe_from_dict({"optimizer": {"name": "sgd", "lr": 1}},
-                              ["optimizer.lr=0.05", "trainer.epochs=3", "model.conversion.wn=true",
-                               "schedule.milestones=[1, 2]", "model.kwargs.drop_rate=0.1"])
+    recipe = recipe_from_dict(
+        {"optimizer": {"name": "sgd", "lr": 1}},
+        [
+            "optimizer.lr=0.05",
+            "trainer.epochs=3",
+            "model.conversion.wn=true",
+            "schedule.milestones=[1, 2]",
+            "model.kwargs.drop_rate=0.1",
+        ],
+    )
     assert isinstance(recipe, Recipe)
     assert recipe.optimizer.lr == 0.05 and isinstance(recipe.optimizer.lr, float)
     assert recipe.trainer.epochs == 3 and recipe.model.conversion.wn is True
@@ -78,11 +87,39 @@ def test_docs_document_every_key():
     from sgdph_tools.recipe import ConversionCfg, DataCfg, ModelCfg, OptimizerCfg, ScheduleCfg, TrainerCfg
 
     doc = (ROOT / "docs" / "training.md").read_text()
-    for section, cls in (("model", ModelCfg), ("data", DataCfg), ("optimizer", OptimizerCfg),
-                         ("schedule", ScheduleCfg), ("trainer", TrainerCfg)):
+    for section, cls in (
+        ("model", ModelCfg),
+        ("data", DataCfg),
+        ("optimizer", OptimizerCfg),
+        ("schedule", ScheduleCfg),
+        ("trainer", TrainerCfg),
+    ):
         assert f"## `{section}`" in doc
         for f in dataclasses.fields(cls):
             if f.name != "conversion":
                 assert f"`{f.name}`" in doc, f"{section}.{f.name} is not documented in docs/training.md"
     for f in dataclasses.fields(ConversionCfg):
         assert f"`conversion.{f.name}`" in doc
+
+
+def test_an_optimizer_from_a_missing_extra_is_named_with_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # what an install without the extra sees
+    with pytest.raises(UserError, match=r"pip install 'sgdph-tools\[baselines\]'"):
+        recipe_from_dict({"optimizer": {"name": "apollo"}})
+    recipe_from_dict({"optimizer": {"name": "adabelief"}})  # timm's own: no extra
+
+
+@pytest.mark.parametrize(
+    "text, value", [("1e-8", 1e-8), ("5E-4", 5e-4), ("1e6", 1e6), ("2.5e+3", 2500.0), (".5e2", 50.0), ("0.1", 0.1)]
+)
+def test_numbers_in_exponent_form_are_numbers_in_files_and_overrides(tmp_path, text, value):
+    assert recipe_from_dict({}, [f"optimizer.eps={text}"]).optimizer.eps == value
+    path = tmp_path / "r.yaml"
+    path.write_text(f"optimizer:\n  lr: {text}\n")
+    assert load_recipe(path).optimizer.lr == value
+
+
+def test_non_finite_numbers_are_rejected():
+    for text in (".inf", "-.inf", ".nan"):
+        with pytest.raises(UserError, match="must be a finite number"):
+            recipe_from_dict({}, [f"optimizer.weight_decay={text}"])

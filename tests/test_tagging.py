@@ -8,8 +8,16 @@ import torch
 import torch.nn as nn
 
 from sgdph_tools.tagging import (
-    BIAS, FIRST_ORDER, LAYER_SCALE, NORM_BIAS, NORM_WEIGHT, OTHER_1D, SECOND_ORDER, WEIGHT,
-    find_classifier, tag_parameters,
+    BIAS,
+    FIRST_ORDER,
+    LAYER_SCALE,
+    NORM_BIAS,
+    NORM_WEIGHT,
+    OTHER_1D,
+    SECOND_ORDER,
+    WEIGHT,
+    find_classifier,
+    tag_parameters,
 )
 
 
@@ -36,24 +44,41 @@ class OddBlock(nn.Module):
 
 def test_kinds_by_module_type():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True),
-        nn.Flatten(), nn.Linear(4, 4), nn.LayerNorm(4), nn.RMSNorm(4),
-        LlamaRMSNorm(4), OddBlock(), nn.PReLU(4), nn.Linear(4, 2),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+        nn.LayerNorm(4),
+        nn.RMSNorm(4),
+        LlamaRMSNorm(4),
+        OddBlock(),
+        nn.PReLU(4),
+        nn.Linear(4, 2),
     )
     tags = tag_parameters(model)
     kinds = {name: tag.kind for name, tag in tags.items()}
     assert kinds == {
-        "0.weight": WEIGHT, "0.bias": BIAS,
-        "1.weight": NORM_WEIGHT, "1.bias": NORM_BIAS,
-        "2.weight": NORM_WEIGHT, "2.bias": NORM_BIAS,
-        "3.weight": NORM_WEIGHT, "3.bias": NORM_BIAS,
-        "5.weight": WEIGHT, "5.bias": BIAS,
-        "6.weight": NORM_WEIGHT, "6.bias": NORM_BIAS,
+        "0.weight": WEIGHT,
+        "0.bias": BIAS,
+        "1.weight": NORM_WEIGHT,
+        "1.bias": NORM_BIAS,
+        "2.weight": NORM_WEIGHT,
+        "2.bias": NORM_BIAS,
+        "3.weight": NORM_WEIGHT,
+        "3.bias": NORM_BIAS,
+        "5.weight": WEIGHT,
+        "5.bias": BIAS,
+        "6.weight": NORM_WEIGHT,
+        "6.bias": NORM_BIAS,
         "7.weight": NORM_WEIGHT,
         "8.weight": NORM_WEIGHT,
-        "9.temperature": OTHER_1D, "9.gamma": LAYER_SCALE,
+        "9.temperature": OTHER_1D,
+        "9.gamma": LAYER_SCALE,
         "10.weight": OTHER_1D,
-        "11.weight": WEIGHT, "11.bias": BIAS,
+        "11.weight": WEIGHT,
+        "11.bias": BIAS,
     }
     assert "class name says Norm" in tags["8.weight"].reason
     groups = {name: tag.group for name, tag in tags.items()}
@@ -74,14 +99,40 @@ def test_every_parameter_is_tagged_once_even_when_shared():
 @pytest.mark.parametrize(
     "name,kwargs,expected",
     [
-        ("resnet18", {}, {(WEIGHT, FIRST_ORDER): 21, (NORM_WEIGHT, SECOND_ORDER): 20,
-                          (NORM_BIAS, SECOND_ORDER): 20, (BIAS, FIRST_ORDER): 1}),
-        ("convnext_atto", {}, {(WEIGHT, FIRST_ORDER): 41, (BIAS, SECOND_ORDER): 40, (NORM_WEIGHT, SECOND_ORDER): 17,
-                               (NORM_BIAS, SECOND_ORDER): 17, (LAYER_SCALE, SECOND_ORDER): 12,
-                               (BIAS, FIRST_ORDER): 1}),
-        ("vit_tiny_patch16_224", {"init_values": 1e-5, "depth": 2},
-         {(WEIGHT, FIRST_ORDER): 12, (BIAS, SECOND_ORDER): 9, (NORM_WEIGHT, SECOND_ORDER): 5,
-          (NORM_BIAS, SECOND_ORDER): 5, (LAYER_SCALE, SECOND_ORDER): 4, (BIAS, FIRST_ORDER): 1}),
+        (
+            "resnet18",
+            {},
+            {
+                (WEIGHT, FIRST_ORDER): 21,
+                (NORM_WEIGHT, SECOND_ORDER): 20,
+                (NORM_BIAS, SECOND_ORDER): 20,
+                (BIAS, FIRST_ORDER): 1,
+            },
+        ),
+        (
+            "convnext_atto",
+            {},
+            {
+                (WEIGHT, FIRST_ORDER): 41,
+                (BIAS, SECOND_ORDER): 40,
+                (NORM_WEIGHT, SECOND_ORDER): 17,
+                (NORM_BIAS, SECOND_ORDER): 17,
+                (LAYER_SCALE, SECOND_ORDER): 12,
+                (BIAS, FIRST_ORDER): 1,
+            },
+        ),
+        (
+            "vit_tiny_patch16_224",
+            {"init_values": 1e-5, "depth": 2},
+            {
+                (WEIGHT, FIRST_ORDER): 12,
+                (BIAS, SECOND_ORDER): 9,
+                (NORM_WEIGHT, SECOND_ORDER): 5,
+                (NORM_BIAS, SECOND_ORDER): 5,
+                (LAYER_SCALE, SECOND_ORDER): 4,
+                (BIAS, FIRST_ORDER): 1,
+            },
+        ),
     ],
 )
 def test_timm_models(name, kwargs, expected):

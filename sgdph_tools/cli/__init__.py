@@ -4,12 +4,13 @@ Errors: usage errors are typer's (exit code 2). A :class:`~sgdph_tools.errors.Us
 as one line on stderr with exit code 2, any other exception as one line with exit code 1;
 ``SGDPH_DEBUG=1`` shows the full traceback instead.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 
-from . import bench, convert, export, hessian, inspect, report, train  # noqa: F401  (each registers its command on the app)
+from . import bench, convert, export, hessian, inspect, recipes, report, sweep, train  # noqa: F401  (each registers its command on the app)
 from .app import app
 
 

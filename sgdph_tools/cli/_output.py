@@ -1,7 +1,7 @@
 """Output helpers shared by the commands: one rich console, tables, JSON."""
+
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
@@ -9,22 +9,29 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
+from ..records import dumps
 from ..tagging import FIRST_ORDER, SECOND_ORDER, tag_parameters
 
 # Wide enough for the tables when the output is not a terminal (rich would assume 80 columns).
 console = Console(highlight=False, width=None if Console().is_terminal else 160)
 
 
-def print_json(data: Any) -> None:
-    """Machine-readable output: plain JSON on stdout, nothing else."""
-    print(json.dumps(data, indent=2, default=str))
+def print_json(kind: str, records: list[Any], **metadata: Any) -> None:
+    """Machine-readable output: the records in the project's JSON envelope on stdout, nothing else."""
+    print(dumps(kind, records, **metadata))
 
 
 def parameter_rows(model: nn.Module) -> list[dict]:
     params = dict(model.named_parameters())
     return [
-        {"name": name, "shape": list(tag.shape), "kind": tag.kind, "group": tag.group,
-         "numel": params[name].numel(), "reason": tag.reason}
+        {
+            "name": name,
+            "shape": list(tag.shape),
+            "kind": tag.kind,
+            "group": tag.group,
+            "numel": params[name].numel(),
+            "reason": tag.reason,
+        }
         for name, tag in tag_parameters(model).items()
     ]
 
@@ -41,7 +48,13 @@ def parameter_totals(rows: list[dict]) -> dict:
 
 def parameter_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column, justify in (("name", "left"), ("shape", "left"), ("kind", "left"), ("group", "left"), ("numel", "right")):
+    for column, justify in (
+        ("name", "left"),
+        ("shape", "left"),
+        ("kind", "left"),
+        ("group", "left"),
+        ("numel", "right"),
+    ):
         table.add_column(column, justify=justify)
     for r in rows:
         style = "cyan" if r["group"] == SECOND_ORDER else None

@@ -1,4 +1,5 @@
 """The typer application; each command lives in its own module and registers itself here."""
+
 from __future__ import annotations
 
 import typer
@@ -22,6 +23,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     """SGD with Partial Hessian (SGD-PH): convert, inspect and train timm models."""

@@ -1,8 +1,9 @@
 """``sgdph bench``: step time and peak memory of every SGD-PH mode, as ratios to SGDM in the same run."""
+
 from __future__ import annotations
 
 import fnmatch
-import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -11,13 +12,16 @@ from rich.table import Table
 
 from ..bench import Mode, Settings, all_modes, run
 from ..errors import UserError
+from ..records import write_json
 from ._output import console
 from .app import app
 
 
 @app.command("bench")
 def bench_command(
-    model: str = typer.Option("resnet18_cifar", "--model", help="A timm model name (the project's registered ones included)."),
+    model: str = typer.Option(
+        "resnet18_cifar", "--model", help="A timm model name (the project's registered ones included)."
+    ),
     batch: int = typer.Option(128, "--batch", help="Batch size."),
     img_size: int = typer.Option(32, "--img-size", help="Input height and width (random data, the model's channels)."),
     num_classes: int = typer.Option(100, "--num-classes", help="Classes of the classifier head."),
@@ -25,8 +29,12 @@ def bench_command(
     rounds: int = typer.Option(1, "--rounds", help="Rounds over all modes, interleaved; medians over rounds."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per measurement (default: torch's)."),
-    only: list[str] = typer.Option([], "--only", help="Measure only the modes whose label matches this glob "
-                                   "(repeatable, e.g. --only 'sgdph gnb*' --only adahessian); SGDM always runs."),
+    only: list[str] = typer.Option(
+        [],
+        "--only",
+        help="Measure only the modes whose label matches this glob "
+        "(repeatable, e.g. --only 'sgdph gnb*' --only adahessian); SGDM always runs.",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the records to this JSON file."),
 ) -> None:
     """SGDM, AdamW, timm's Adahessian and SGD-PH in every mode (estimator × engine × hessian_every 1, 10)."""
@@ -41,8 +49,13 @@ def bench_command(
     if not timm.is_model(model):
         close = timm.list_models(f"*{model.split('_')[0]}*")[:3]
         raise UserError(f"unknown model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    for name, value in (("--batch", batch), ("--img-size", img_size), ("--steps", steps), ("--num-classes", num_classes),
-                        ("--rounds", rounds)):
+    for name, value in (
+        ("--batch", batch),
+        ("--img-size", img_size),
+        ("--steps", steps),
+        ("--num-classes", num_classes),
+        ("--rounds", rounds),
+    ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     modes = all_modes()
@@ -51,15 +64,30 @@ def bench_command(
         if len(modes) == 1:
             labels = ", ".join(m.label for m in all_modes())
             raise UserError(f"--only {' '.join(only)!r} matches no mode; the modes are: {labels}")
-    settings = Settings(model=model, batch=batch, img_size=img_size, num_classes=num_classes, steps=steps,
-                        device=device, threads=threads)
+    settings = Settings(
+        model=model,
+        batch=batch,
+        img_size=img_size,
+        num_classes=num_classes,
+        steps=steps,
+        device=device,
+        threads=threads,
+    )
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
-    console.print(f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}")
+    console.print(
+        f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}"
+    )
     with console.status("measuring") as status:
-        records = run(modes, settings, rounds,
-                      on_result=lambda mode, r: status.update(f"measured {mode.label}: {r['time_ratio']:.2f}x"))
-    table = Table(title=f"step time and peak memory, ratios to SGDM in this run (medians of {rounds} round(s))",
-                  title_justify="left")
+        records = run(
+            modes,
+            settings,
+            rounds,
+            on_result=lambda mode, r: status.update(f"measured {mode.label}: {r['time_ratio']:.2f}x"),
+        )
+    table = Table(
+        title=f"step time and peak memory, ratios to SGDM in this run (medians of {rounds} round(s))",
+        title_justify="left",
+    )
     for column in ("optimizer", "step ms", "time / SGDM", "peak MB", "memory / SGDM"):
         table.add_column(column)
     for r in records:
@@ -68,5 +96,5 @@ def bench_command(
         table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_mb']:.0f}", memory)
     console.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(records, indent=2))
+        write_json(json_out, "bench", records, settings=asdict(settings), rounds=rounds, torch=torch.__version__)
         console.print(f"wrote {json_out}")

@@ -1,4 +1,5 @@
 """``sgdph convert MODEL``: decouple conv/linear layers into weight-normalised ones and save."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +20,22 @@ def default_output(name: str, wn: bool, strip_norm: bool) -> Path:
 
 @app.command("convert")
 def convert_command(
-    model: str = typer.Argument(..., help="timm model name (resnet18, vgg19_nobn, ...), torchvision:NAME, or a plain checkpoint with --model."),
-    wn: bool = typer.Option(True, "--wn/--no-wn", help="Decouple every conv/linear that feeds no norm into gamma · V/||V|| + bias."),
-    strip_norm: bool = typer.Option(False, "--strip-norm", help="First replace every norm layer by an identity (a 'without BN' variant)."),
-    exclude: list[str] = typer.Option([], "--exclude", "-x", help="fnmatch pattern of layer names to leave alone (repeatable)."),
+    model: str = typer.Argument(
+        ..., help="timm model name (resnet18, vgg19_nobn, ...), torchvision:NAME, or a plain checkpoint with --model."
+    ),
+    wn: bool = typer.Option(
+        True, "--wn/--no-wn", help="Decouple every conv/linear that feeds no norm into gamma · V/||V|| + bias."
+    ),
+    strip_norm: bool = typer.Option(
+        False, "--strip-norm", help="First replace every norm layer by an identity (a 'without BN' variant)."
+    ),
+    exclude: list[str] = typer.Option(
+        [], "--exclude", "-x", help="fnmatch pattern of layer names to leave alone (repeatable)."
+    ),
     num_classes: int | None = typer.Option(None, "--num-classes", help="Classifier size."),
-    img_size: int | None = typer.Option(None, "--img-size", help="Input size for verification (and for models that fix it, e.g. ViTs)."),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size for verification (and for models that fix it, e.g. ViTs)."
+    ),
     arch: str | None = typer.Option(None, "--model", help="Architecture of a plain state_dict checkpoint."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Where to write (default: MODEL[_nonorm]_wn.pt)."),
     show_layers: bool = typer.Option(False, "--layers", help="Print the decision for every conv/linear layer."),
@@ -33,15 +44,19 @@ def convert_command(
     net, spec, conversion = load_model(model, model_name=arch, num_classes=num_classes, img_size=img_size)
     if conversion is not None:
         raise UserError(f"{model} is already a converted checkpoint; convert the original model instead")
-    net, report = convert(net, wn=wn, strip_norm=strip_norm, exclude=exclude, example_input=example_input_for(net, img_size))
+    net, report = convert(
+        net, wn=wn, strip_norm=strip_norm, exclude=exclude, example_input=example_input_for(net, img_size)
+    )
     out = output or default_output(spec.display_name if arch is None else arch, wn, strip_norm)
     save_converted(out, net, spec, report)
 
     counts = report.counts()
     console.print(f"[bold]{spec.display_name}[/bold] {spec.kwargs or ''}")
     console.print(summary_line(report))
-    console.print(f"  decoupled: {counts.get(DECOUPLED, 0)}   already normalised: {counts.get(NORMALISED, 0)}   "
-                  f"excluded: {counts.get(EXCLUDED, 0)}")
+    console.print(
+        f"  decoupled: {counts.get(DECOUPLED, 0)}   already normalised: {counts.get(NORMALISED, 0)}   "
+        f"excluded: {counts.get(EXCLUDED, 0)}"
+    )
     if report.stripped_norms:
         console.print(f"  norm layers replaced by identities: {len(report.stripped_norms)}")
     if not report.traced:
@@ -51,5 +66,7 @@ def convert_command(
     if show_layers:
         console.print(layer_table(report))
     console.print(totals_table(parameter_totals(parameter_rows(net))))
-    console.print(f"verification: max |output difference| = {report.max_abs_error:.3g} on input {tuple(report.input_shape)}")
+    console.print(
+        f"verification: max |output difference| = {report.max_abs_error:.3g} on input {tuple(report.input_shape)}"
+    )
     console.print(f"wrote {out}")

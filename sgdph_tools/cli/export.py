@@ -1,4 +1,5 @@
 """``sgdph export CHECKPOINT -o OUT``: bake weight-normalised layers back into plain ones."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +27,8 @@ def export_command(
         raise UserError(f"{checkpoint} is not a converted checkpoint: there is nothing to bake")
     state_dict, max_error = export_plain(net, spec, img_size)
     atomic_save(state_dict, output)
-    console.print(f"baked {len(conversion['layers'])} layers of {spec.display_name}; "
-                  f"verification: max |output difference| = {max_error:.3g}")
+    console.print(
+        f"baked {len(conversion['layers'])} layers of {spec.display_name}; "
+        f"verification: max |output difference| = {max_error:.3g}"
+    )
     console.print(f"wrote {output} (load with timm.create_model('{spec.name}', **{spec.kwargs}).load_state_dict(...))")

@@ -1,8 +1,8 @@
 """``sgdph hessian MODEL``: how far the channel-wise curvature blocks are from diagonal, and how exact
 each estimator × engine is against the quantity it claims to estimate."""
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..exactness import exactness_report, select_tensors
+from ..records import write_json
 from ..surgery.checkpoint import load_model
 from ._output import console
 from .app import app
@@ -39,20 +40,33 @@ def hessian_command(
     batch: int = typer.Option(32, "--batch", help="Batch size."),
     layers: str = typer.Option("*", "--layers", help="Glob on parameter names, e.g. '*bn1.weight'."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64: the dtype the estimators run in."),
-    recipe: Path | None = typer.Option(None, "--recipe", help="Take the batch from this recipe's training data (default: random)."),
-    img_size: int | None = typer.Option(None, "--img-size", help="Input size of the random batch (default: the model's)."),
+    recipe: Path | None = typer.Option(
+        None, "--recipe", help="Take the batch from this recipe's training data (default: random)."
+    ),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size of the random batch (default: the model's)."
+    ),
     num_classes: int = typer.Option(10, "--num-classes", help="Classes of a model built by name."),
     max_tensors: int = typer.Option(8, "--max-tensors", help="At most this many tensors (the first that match)."),
-    max_channels: int = typer.Option(32, "--max-channels", help="Exact rows for at most this many channels per tensor."),
+    max_channels: int = typer.Option(
+        32, "--max-channels", help="Exact rows for at most this many channels per tensor."
+    ),
     draws: int = typer.Option(100, "--draws", help="Draws averaged for the stochastic estimators (hutchinson, gnb)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialisation (a model built by name), the random batch and the probes."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the model's initialisation (a model built by name), the random batch and the probes."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report to this JSON file."),
 ) -> None:
     """Exact Hessian and Gauss-Newton blocks (float64) against every estimate, per second-order tensor."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be float32 or float64, got {dtype!r}")
-    for name, value in (("--batch", batch), ("--max-tensors", max_tensors), ("--max-channels", max_channels),
-                        ("--draws", draws), ("--num-classes", num_classes)):
+    for name, value in (
+        ("--batch", batch),
+        ("--max-tensors", max_tensors),
+        ("--max-channels", max_channels),
+        ("--draws", draws),
+        ("--num-classes", num_classes),
+    ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if batch < 2:
@@ -61,27 +75,51 @@ def hessian_command(
     model, spec, _ = load_model(source, num_classes=num_classes, img_size=img_size)
     names = select_tensors(model, layers, max_tensors)
     if not names:
-        raise UserError(f"no second-order tensor of {spec.display_name} matches --layers {layers!r} "
-                        "(see `sgdph inspect` for the names)")
+        raise UserError(
+            f"no second-order tensor of {spec.display_name} matches --layers {layers!r} "
+            "(see `sgdph inspect` for the names)"
+        )
     x, y = _batch(model, recipe, batch, img_size, num_classes, seed)
     torch.manual_seed(seed)
-    report = exactness_report(model, x, y, names, dtype=DTYPES[dtype], max_channels=max_channels, draws=draws, seed=seed)
+    report = exactness_report(
+        model, x, y, names, dtype=DTYPES[dtype], max_channels=max_channels, draws=draws, seed=seed
+    )
     console.print(f"{spec.display_name}, batch {len(y)}, estimators in {dtype}, exact blocks in float64")
     table = Table(title="block structure (exact, on the channels shown)", title_justify="left")
     for column in ("tensor", "numel", "channels", "Hessian off-diag / diag", "Gauss-Newton off-diag / diag"):
         table.add_column(column)
     for b in report["blocks"]:
-        table.add_row(b["tensor"], str(b["numel"]), str(b["channels"]), f"{b['hessian_off_diagonal']:.2f}",
-                      f"{b['ggn_off_diagonal']:.2f}")
+        table.add_row(
+            b["tensor"],
+            str(b["numel"]),
+            str(b["channels"]),
+            f"{b['hessian_off_diagonal']:.2f}",
+            f"{b['ggn_off_diagonal']:.2f}",
+        )
     console.print(table)
     table = Table(title="estimates against their exact target", title_justify="left")
     for column in ("tensor", "estimator", "engine", "target", "draws", "cosine", "relative error"):
         table.add_column(column)
     for r in report["estimates"]:
         how = r["engine"] or (f"batch x {r['gnb_fraction']:g}" if r.get("gnb_fraction") is not None else "-")
-        table.add_row(r["tensor"], r["estimator"], how, r["target"], str(r["draws"]),
-                      f"{r['cosine']:.4f}", f"{r['relative_error']:.2e}")
+        table.add_row(
+            r["tensor"],
+            r["estimator"],
+            how,
+            r["target"],
+            str(r["draws"]),
+            f"{r['cosine']:.4f}",
+            f"{r['relative_error']:.2e}",
+        )
     console.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps({"model": spec.display_name, "batch": len(y), **report}, indent=2))
+        write_json(
+            json_out,
+            "hessian",
+            report["estimates"],
+            model=spec.display_name,
+            batch=len(y),
+            dtype=report["dtype"],
+            blocks=report["blocks"],
+        )
         console.print(f"wrote {json_out}")

@@ -1,42 +1,133 @@
-"""``sgdph report RUN_DIR...``: a table of runs, mean ± std over seeds, and a comparison plot."""
+"""``sgdph report RUN_OR_SWEEP_DIR... [--best [--by val_top1]] [--plot PNG] [--json OUT]``: runs, mean ± std
+over seeds, and the best configuration per contender of a grid (chosen on validation, never on test)."""
+
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from ..train.report import load_run, plot_comparison, summarize
-from ._output import console, print_json
+from ..errors import UserError
+from ..records import dumps, write_json
+from ..train.report import (
+    SELECTION,
+    best_per_contender,
+    load_run,
+    plot_against_lr,
+    plot_comparison,
+    run_folders,
+    summarize,
+)
+from ._output import console
 from .app import app
+
+
+def _number(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 @app.command("report")
 def report_command(
-    runs: list[Path] = typer.Argument(..., help="Run folders written by sgdph train (runs/NAME)."),
-    plot: Path | None = typer.Option(None, "--plot", help="Also write a comparison plot (PNG) of test accuracy and loss."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+    runs: list[Path] = typer.Argument(..., help="Run folders written by sgdph train (runs/NAME), or sweep folders."),
+    best: bool = typer.Option(False, "--best", help="The grid: per contender, the configuration best on validation."),
+    by: str = typer.Option("val_top1", "--by", help=f"--best's validation score: {', '.join(SELECTION)}."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also write a plot (PNG): test accuracy and loss per run; with --best, accuracy vs lr."
+    ),
+    json_out: str | None = typer.Option(
+        None, "--json", help="Also write the records as JSON to this file ('-': stdout only)."
+    ),
 ) -> None:
-    """Final and best test accuracy per run; mean ± std for runs that differ only by seed."""
-    loaded = [load_run(path) for path in runs]
-    per_run, per_experiment = summarize(loaded)
-    if plot is not None:
-        plot_comparison(loaded, plot)
-    if as_json:
-        print_json({"runs": per_run, "experiments": per_experiment})
+    """Test accuracy per run (last epoch; and at the best validation epoch); mean ± std over seeds."""
+    if by not in SELECTION:
+        raise UserError(f"--by must be one of {', '.join(SELECTION)}, got {by!r}")
+    loaded = [load_run(path) for path in run_folders(runs)]
+    if not loaded:
+        raise UserError(f"no finished epoch in {', '.join(map(str, runs))}")
+    if best:
+        kind, records, metadata = "selection", best_per_contender(loaded, by), {"by": by}
+        if plot is not None:
+            plot_against_lr(records, plot)
+    else:
+        per_run, per_experiment = summarize(loaded)
+        kind, records, metadata = "report", per_experiment, {"runs": per_run}
+        if plot is not None:
+            plot_comparison(loaded, plot)
+    if json_out == "-":
+        print(dumps(kind, records, **metadata))
         return
+    if json_out is not None:
+        write_json(json_out, kind, records, **metadata)
+    if best:
+        _print_selection(records, by)
+    else:
+        _print_report(metadata["runs"], records)
+    for path, what in ((plot, "plot"), (json_out, "JSON")):
+        if path is not None:
+            console.print(f"wrote {what} {path}")
+
+
+def _print_selection(rows: list[dict], by: str) -> None:
+    keys = list(rows[0]["config"]) if rows else []
+    table = Table(
+        title=f"the grid; * = best mean {by} per contender (test is reported, not selected on)", title_justify="left"
+    )
+    for column in ("", "optimizer", *keys, "seeds", "diverged", f"{by} mean", "test top-1 mean ± std"):
+        table.add_column(column)
+    for r in sorted(rows, key=lambda r: (r["optimizer"], json.dumps(r["config"], sort_keys=True, default=str))):
+        table.add_row(
+            "*" if r["best"] else "",
+            r["optimizer"],
+            *(str(r["config"][k]) for k in keys),
+            ",".join(map(str, r["seeds"])),
+            str(r["diverged"]),
+            f"{r['val_mean']:.4g}",
+            f"{r['test_mean']:.2f} ± {r['test_std']:.2f}",
+            style="bold" if r["best"] else None,
+        )
+    console.print(table)
+
+
+def _print_report(per_run: list[dict], per_experiment: list[dict]) -> None:
     table = Table(title="runs", title_justify="left")
-    for column in ("run", "experiment", "seed", "epochs", "final top-1", "best top-1", "final top-5", "train loss"):
+    columns = (
+        "run",
+        "experiment",
+        "seed",
+        "epochs",
+        "final top-1",
+        "final top-5",
+        "train loss",
+        "best val top-1 (epoch)",
+        "top-1 there",
+    )
+    for column in columns:
         table.add_column(column)
     for r in per_run:
-        table.add_row(Path(r["run"]).name, r["experiment"], str(r["seed"]), str(r["epochs"]), f"{r['final_acc1']:.2f}",
-                      f"{r['best_acc1']:.2f}", f"{r['final_acc5']:.2f}", f"{r['final_train_loss']:.4f}")
+        has_val = r["best_val_acc1"] is not None
+        table.add_row(
+            Path(r["run"]).name,
+            r["experiment"],
+            str(r["seed"]),
+            str(r["epochs"]) + (" (diverged)" if r["diverged"] else ""),
+            _number(r["final_acc1"]),
+            _number(r["final_acc5"]),
+            _number(r["final_train_loss"], ".4f"),
+            f"{r['best_val_acc1']:.2f} ({r['best_val_epoch']})" if has_val else "-",
+            _number(r["test_acc1_at_best_val"]),
+        )
     console.print(table)
-    table = Table(title="experiments (mean ± std over seeds)", title_justify="left")
-    for column in ("experiment", "runs", "final top-1", "best top-1"):
+    table = Table(title="experiments (mean ± std over seeds; diverged runs excluded and counted)", title_justify="left")
+    for column in ("experiment", "runs", "diverged", "final top-1", "top-1 at best val"):
         table.add_column(column)
     for e in per_experiment:
-        table.add_row(e["experiment"], str(e["runs"]), e["final_acc1"], e["best_acc1"])
+        table.add_row(
+            e["experiment"],
+            str(e["runs"]),
+            str(e["diverged"]),
+            e["final_acc1"] or "-",
+            e["test_acc1_at_best_val"] or "-",
+        )
     console.print(table)
-    if plot is not None:
-        console.print(f"wrote {plot}")

@@ -1,4 +1,5 @@
 """``sgdph train RECIPE [key=value ...]``: train what a recipe says, on one process or several."""
+
 from __future__ import annotations
 
 import os
@@ -10,26 +11,28 @@ import typer
 
 from ..errors import UserError
 from ..recipe import load_recipe
+from ..recipe_catalog import resolve_recipe
 from ._output import console
 from .app import app
 
 
 @app.command("train", context_settings={"allow_extra_args": False})
 def train_command(
-    recipe: Path = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
+    recipe: str = typer.Argument(..., help="A recipe YAML file, or a packaged recipe's name (`sgdph recipes list`)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. optimizer.lr=0.05 trainer.epochs=1."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe; build nothing."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the recipe's output folder from last.pt."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (one per GPU) to launch with torchrun (DDP)."),
 ) -> None:
     """Train a (possibly converted) timm model with SGD-PH or a baseline; write metrics, curves and checkpoints."""
-    resolved = load_recipe(recipe, overrides or [])
+    recipe_path = resolve_recipe(recipe)
+    resolved = load_recipe(recipe_path, overrides or [])
     if dry_run:
-        console.print(f"# {recipe} resolved with {len(overrides or [])} override(s); valid", style="dim")
+        console.print(f"# {recipe_path} resolved with {len(overrides or [])} override(s); valid", style="dim")
         print(resolved.to_yaml(), end="")
         return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_torchrun(nproc, recipe, overrides or [], resume))
+        raise typer.Exit(_launch_torchrun(nproc, recipe_path, overrides or [], resume))
     from ..train import Trainer  # heavy imports only when training
 
     Trainer(resolved, resume=resume).run()
@@ -39,7 +42,17 @@ def _launch_torchrun(nproc: int, recipe: Path, overrides: list[str], resume: boo
     """Re-run this command under torchrun with ``nproc`` processes on this machine."""
     if nproc < 1:
         raise UserError("--nproc must be at least 1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "sgdph_tools", "train", str(recipe), *overrides] + (["--resume"] if resume else [])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "sgdph_tools",
+        "train",
+        str(recipe),
+        *overrides,
+    ] + (["--resume"] if resume else [])
     console.print(f"launching {nproc} processes: {' '.join(command[1:])}", style="dim")
     return subprocess.call(command)

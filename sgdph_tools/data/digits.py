@@ -1,5 +1,6 @@
 """scikit-learn's handwritten digits: 1,797 8x8 grey images of 10 classes, shipped inside
 scikit-learn, so they work on any machine without a download."""
+
 from __future__ import annotations
 
 import torch

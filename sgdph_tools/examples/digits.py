@@ -5,6 +5,7 @@
 A plain-PyTorch example of the optimizer's "usage B": ``optimizer.step(loss_fn=...)`` runs the
 forward pass and lets the optimizer compute every gradient and Hessian-vector product it needs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,11 @@ def train_digits(
     model = timm.create_model("small_cnn", num_classes=10, in_chans=1)
     default_lr, default_wd = DEFAULTS[optimizer] if optimizer in DEFAULTS else (0.1, 0.0)
     opt = build_optimizer(
-        optimizer, model, lr if lr is not None else default_lr,
-        weight_decay if weight_decay is not None else default_wd, **sgdph_kwargs,
+        optimizer,
+        model,
+        lr if lr is not None else default_lr,
+        weight_decay if weight_decay is not None else default_wd,
+        **sgdph_kwargs,
     )
     steps_per_epoch = (len(y_train) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)

@@ -1,4 +1,5 @@
 """The classifier interface timm's models share, for this project's simple conv nets."""
+
 from __future__ import annotations
 
 import torch

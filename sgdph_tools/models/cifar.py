@@ -8,6 +8,7 @@
 
 ``timm.create_model("vgg19_nobn", num_classes=100)`` builds them once ``sgdph_tools`` is imported.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -20,35 +21,48 @@ __all__ = ["CifarVGG"]
 
 _VGG_LAYERS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-         512, 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 
 def _cifar_cfg(**kwargs) -> dict:
     return {
-        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (1, 1),
-        "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616), **kwargs,
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (1, 1),
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        **kwargs,
     }
 
 
 _RESNET_CFG = _cifar_cfg(first_conv="conv1", classifier="fc", pool_size=(4, 4))
-default_cfgs = generate_default_cfgs({
-    "resnet18_cifar.untrained": _RESNET_CFG,
-    "resnet50_cifar.untrained": _RESNET_CFG,
-    "vgg11_cifar.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
-    "vgg19_cifar.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
-    "vgg11_nobn.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
-    "vgg19_nobn.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "resnet18_cifar.untrained": _RESNET_CFG,
+        "resnet50_cifar.untrained": _RESNET_CFG,
+        "vgg11_cifar.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
+        "vgg19_cifar.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
+        "vgg11_nobn.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
+        "vgg19_nobn.untrained": _cifar_cfg(first_conv="features.0", classifier="fc"),
+    }
+)
 
 
 class CifarVGG(PooledClassifier):
     """VGG for 32x32 inputs: conv3x3(-BN)-ReLU stages with max-pooling, global average pooling,
     dropout and a linear classifier on the 512 features. Follows timm's classifier interface."""
 
-    def __init__(self, depth: int = 19, batch_norm: bool = True, num_classes: int = 10, in_chans: int = 3,
-                 drop_rate: float = 0.0, global_pool: str = "avg"):
+    def __init__(
+        self,
+        depth: int = 19,
+        batch_norm: bool = True,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
         super().__init__()
         if depth not in _VGG_LAYERS:
             raise ValueError(f"VGG depth {depth} not supported; choose from {sorted(_VGG_LAYERS)}")

@@ -5,6 +5,7 @@ Names: ``resnet18`` (timm), ``vgg19_nobn`` (registered here), ``torchvision:resn
 suggests the closest valid names. Nothing is downloaded: weights are random unless a checkpoint is
 loaded afterwards.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -28,10 +29,10 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, name: str, **kwargs) -> "ModelSpec":
+    def parse(cls, name: str, **kwargs) -> ModelSpec:
         for prefix in TORCHVISION_PREFIXES:
             if name.startswith(prefix):
-                return cls(name[len(prefix):], "torchvision", kwargs)
+                return cls(name[len(prefix) :], "torchvision", kwargs)
         return cls(name, "timm", kwargs)
 
     @property

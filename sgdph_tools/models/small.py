@@ -1,8 +1,11 @@
-"""A small conv-BN network for tiny images (scikit-learn's 8x8 digits, smoke tests).
+"""A small conv-BN network for tiny images (scikit-learn's 8x8 digits, generated shapes, smoke
+tests), and the same network without BatchNorm (the paper's weight-normalisation setting in miniature:
+``sgdph convert small_cnn_nobn --wn``).
 
 Registered with timm, so ``timm.create_model("small_cnn", num_classes=10, in_chans=1)`` builds it.
 It follows timm's classifier interface (see ``_classifier.py``).
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -13,7 +16,9 @@ from ._classifier import PooledClassifier
 __all__ = ["SmallCNN"]
 
 
-def _conv_bn_relu(in_chs: int, out_chs: int, stride: int) -> nn.Sequential:
+def _conv_bn_relu(in_chs: int, out_chs: int, stride: int, norm: bool = True) -> nn.Sequential:
+    if not norm:  # the conv keeps its bias where no BatchNorm follows
+        return nn.Sequential(nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
     return nn.Sequential(
         nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_chs),
@@ -23,27 +28,53 @@ def _conv_bn_relu(in_chs: int, out_chs: int, stride: int) -> nn.Sequential:
 
 class SmallCNN(PooledClassifier):
     """Three conv-BN-ReLU stages (width, 2·width, 4·width; the last two with stride 2), global
-    average pooling and a linear classifier."""
+    average pooling and a linear classifier; ``norm=False``: conv-ReLU stages (biased convs)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32, drop_rate: float = 0.0):
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 3, width: int = 32, drop_rate: float = 0.0, norm: bool = True
+    ):
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn_relu(in_chans, width, 1),
-            _conv_bn_relu(width, 2 * width, 2),
-            _conv_bn_relu(2 * width, 4 * width, 2),
+            _conv_bn_relu(in_chans, width, 1, norm),
+            _conv_bn_relu(width, 2 * width, 2, norm),
+            _conv_bn_relu(2 * width, 4 * width, 2, norm),
         )
         self._init_head(4 * width, num_classes, drop_rate)
 
 
-default_cfgs = generate_default_cfgs({
-    "small_cnn.untrained": {
-        "url": "", "num_classes": 10, "input_size": (1, 8, 8), "pool_size": (2, 2),
-        "mean": (0.5,), "std": (0.5,), "first_conv": "features.0.0", "classifier": "fc",
-    },
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "small_cnn.untrained": {
+            "url": "",
+            "num_classes": 10,
+            "input_size": (1, 8, 8),
+            "pool_size": (2, 2),
+            "mean": (0.5,),
+            "std": (0.5,),
+            "first_conv": "features.0.0",
+            "classifier": "fc",
+        },
+        "small_cnn_nobn.untrained": {
+            "url": "",
+            "num_classes": 10,
+            "input_size": (3, 32, 32),
+            "pool_size": (8, 8),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.3, 0.3, 0.3),
+            "first_conv": "features.0.0",
+            "classifier": "fc",
+        },
+    }
+)
 
 
 @register_model
 def small_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
     """Small conv-BN-ReLU net (32-64-128 channels) for 8x8..32x32 inputs; no pretrained weights."""
     return build_model_with_cfg(SmallCNN, "small_cnn", pretrained, **kwargs)
+
+
+@register_model
+def small_cnn_nobn(pretrained: bool = False, **kwargs) -> SmallCNN:
+    """The small net without BatchNorm (conv-ReLU, biased convs); no pretrained weights."""
+    return build_model_with_cfg(SmallCNN, "small_cnn_nobn", pretrained, norm=False, **kwargs)

@@ -1,4 +1,5 @@
 """The SGD-PH optimizer, its param-group helper, and its registration with timm's optimizer factory."""
+
 from .param_groups import SELECTABLE_KINDS, sgdph_param_groups
 from .sgdph import SGDPH
 from .timm_registry import register_with_timm

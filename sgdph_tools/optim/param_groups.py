@@ -12,6 +12,7 @@ Every param group of :class:`~sgdph_tools.SGDPH` carries a ``second_order`` flag
 
 The optimizer reads the flags and decides nothing else.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,8 +32,7 @@ def _check_kinds(kinds: Iterable[str]) -> frozenset[str]:
     unknown = sorted(kinds - set(SELECTABLE_KINDS))
     if unknown:
         raise ValueError(
-            f"unknown parameter kind(s) {unknown} for the second-order step; "
-            f"choose from {list(SELECTABLE_KINDS)}"
+            f"unknown parameter kind(s) {unknown} for the second-order step; choose from {list(SELECTABLE_KINDS)}"
         )
     return kinds
 

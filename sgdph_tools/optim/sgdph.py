@@ -1,5 +1,6 @@
 """SGD with Partial Hessian (SGD-PH), in the style of ``torch/optim/sgd.py``: the :class:`SGDPH` class
 gathers gradients, curvature estimates and state, and calls the functional :func:`sgdph`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -213,17 +214,32 @@ class SGDPH(Optimizer):
             if estimator != "gnb":
                 raise ValueError(f"gnb_fraction applies to estimator='gnb' only (got estimator={estimator!r})")
             if model is None:
-                raise ValueError("gnb_fraction needs model=<the module the loss runs>: the sub-batch is taken from "
-                                 "its recorded inputs")
+                raise ValueError(
+                    "gnb_fraction needs model=<the module the loss runs>: the sub-batch is taken from "
+                    "its recorded inputs"
+                )
         self.model = model
         # Records the model's inputs while the optimizer estimates GNB from a sub-batch (a hook is
         # registered whenever a model is given: a loaded checkpoint may switch gnb_fraction on).
-        self._sub_batch = (SubBatchGNB(model, list(model.buffers()), recording=lambda: self._gnb_fraction is not None)
-                           if model is not None else None)
+        self._sub_batch = (
+            SubBatchGNB(model, list(model.buffers()), recording=lambda: self._gnb_fraction is not None)
+            if model is not None
+            else None
+        )
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum,
-            eps=eps, foreach=foreach, estimator=estimator, engine=engine, hessian_every=hessian_every,
-            gnb_fraction=gnb_fraction, authors_code=bool(authors_code), seed=seed,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            so_lr=so_lr,
+            hessian_momentum=hessian_momentum,
+            eps=eps,
+            foreach=foreach,
+            estimator=estimator,
+            engine=engine,
+            hessian_every=hessian_every,
+            gnb_fraction=gnb_fraction,
+            authors_code=bool(authors_code),
+            seed=seed,
         )
         super().__init__(second_order_groups(params, authors_code=authors_code), defaults)
 
@@ -273,8 +289,10 @@ class SGDPH(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in OPTIMIZER_WIDE:
             if key in param_group and param_group[key] != self.defaults[key]:
-                raise ValueError(f"{key} is optimizer-wide: a param group cannot set {key}={param_group[key]!r} "
-                                 f"(the optimizer's is {self.defaults[key]!r})")
+                raise ValueError(
+                    f"{key} is optimizer-wide: a param group cannot set {key}={param_group[key]!r} "
+                    f"(the optimizer's is {self.defaults[key]!r})"
+                )
         groups = [param_group] if "second_order" in param_group else second_order_groups([param_group])
         for group in groups:
             super().add_param_group(group)
@@ -301,12 +319,15 @@ class SGDPH(Optimizer):
                 group.setdefault(key, value)
         loaded = {k: self.param_groups[0][k] for k in OPTIMIZER_WIDE}
         if any(g[k] != loaded[k] for g in self.param_groups for k in OPTIMIZER_WIDE):
-            raise ValueError("the state dict's param groups disagree on an optimizer-wide setting "
-                             f"({', '.join(OPTIMIZER_WIDE)})")
+            raise ValueError(
+                f"the state dict's param groups disagree on an optimizer-wide setting ({', '.join(OPTIMIZER_WIDE)})"
+            )
         changed = [f"{k}={loaded[k]!r} (was {v!r})" for k, v in constructed.items() if loaded[k] != v]
         if changed:
-            warnings.warn(f"SGDPH.load_state_dict: the checkpoint's settings replace the constructor's: {', '.join(changed)}",
-                          stacklevel=2)
+            warnings.warn(
+                f"SGDPH.load_state_dict: the checkpoint's settings replace the constructor's: {', '.join(changed)}",
+                stacklevel=2,
+            )
         self.defaults.update(loaded)
 
     def _second_order_state(self, p: Tensor) -> dict[str, Any]:
@@ -320,8 +341,13 @@ class SGDPH(Optimizer):
 
     def _steps_taken(self) -> int:
         """The optimizer's step count: the largest per-parameter count of the second-order params."""
-        steps = [self.state[p]["step"] for g in self.param_groups if g["second_order"] for p in g["params"]
-                 if "step" in self.state.get(p, {})]
+        steps = [
+            self.state[p]["step"]
+            for g in self.param_groups
+            if g["second_order"]
+            for p in g["params"]
+            if "step" in self.state.get(p, {})
+        ]
         return int(max(float(s) for s in steps)) if steps else 0
 
     # ------------------------------------------------------------------------- step
@@ -354,7 +380,9 @@ class SGDPH(Optimizer):
             loss, logits, hvp_for = self._gradients_from_closure(closure, refreshing)
         else:
             if max_grad_norm is not None:
-                raise ValueError("max_grad_norm needs a closure or loss_fn; without them clip .grad yourself before step()")
+                raise ValueError(
+                    "max_grad_norm needs a closure or loss_fn; without them clip .grad yourself before step()"
+                )
             hvp_for = self._hvp_from_backward_graph
         with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if scaled:
@@ -415,9 +443,13 @@ class SGDPH(Optimizer):
         replay = ForwardReplay(forward, self._devices(), self._replay_buffers())
         create_graph = refreshing and self._double_backward and self.engine == "autograd"
         keep_graph = create_graph or (refreshing and self._reads_logits)
-        with torch.enable_grad(), (math_attention() if refreshing and self._double_backward else contextlib.nullcontext()):
-            grads = torch.autograd.grad(replay.first(), params, create_graph=create_graph, retain_graph=keep_graph,
-                                        allow_unused=True)
+        with (
+            torch.enable_grad(),
+            math_attention() if refreshing and self._double_backward else contextlib.nullcontext(),
+        ):
+            grads = torch.autograd.grad(
+                replay.first(), params, create_graph=create_graph, retain_graph=keep_graph, allow_unused=True
+            )
         local = dict(zip(params, grads))  # this process's gradients, with graph when create_graph
         for p, g in local.items():
             if g is not None:
@@ -447,8 +479,14 @@ class SGDPH(Optimizer):
         # makes a compiled model recompile: then the re-evaluation computes every gradient.
         reducer_in_the_way = distributed.world_size() > 1 and ddp is None
         cheap = not reducer_in_the_way and not _is_compiled(self.model)
-        replay = ClosureReplay(closure, params, self._devices(), self._replay_buffers(), cheap=cheap,
-                               sync=ddp.no_sync if ddp is not None else contextlib.nullcontext)
+        replay = ClosureReplay(
+            closure,
+            params,
+            self._devices(),
+            self._replay_buffers(),
+            cheap=cheap,
+            sync=ddp.no_sync if ddp is not None else contextlib.nullcontext,
+        )
         try:
             with math_attention() if refreshing and self._double_backward else contextlib.nullcontext():
                 loss, logits = _loss_and_logits(replay.first())
@@ -514,8 +552,14 @@ class SGDPH(Optimizer):
         mixed = (self.param_groups[0]["seed"] * 1_000_003 + distributed.rank()) * 1_000_000_007 + step
         return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
-    def _estimate(self, refresh: list[Tensor], hvp_for: Callable[[list[Tensor]], HVP], logits: Tensor | None,
-                  step: int, scale: float) -> dict[Tensor, Tensor]:
+    def _estimate(
+        self,
+        refresh: list[Tensor],
+        hvp_for: Callable[[list[Tensor]], HVP],
+        logits: Tensor | None,
+        step: int,
+        scale: float,
+    ) -> dict[Tensor, Tensor]:
         if self._reads_logits and logits is None:
             raise RuntimeError(_NEEDS_LOGITS)
         if self._reads_logits or self.estimator == "gnb":
@@ -525,7 +569,9 @@ class SGDPH(Optimizer):
             with torch.enable_grad():
                 if self._gnb_fraction is not None:
                     if self._sub_batch is None:
-                        raise RuntimeError("gnb_fraction needs the optimizer built with model=<the module the loss runs>")
+                        raise RuntimeError(
+                            "gnb_fraction needs the optimizer built with model=<the module the loss runs>"
+                        )
                     h = self._sub_batch.estimate(refresh, self._gnb_fraction, generator)
                 elif self.estimator == "gnb":
                     h = gauss_newton_bartlett(logits, refresh, generator)
@@ -557,9 +603,16 @@ class SGDPH(Optimizer):
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         if not group["second_order"]:
             sgd_functional(
-                params, grads, bufs, foreach=group["foreach"],
-                weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                dampening=0.0, nesterov=False, maximize=False,
+                params,
+                grads,
+                bufs,
+                foreach=group["foreach"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
             )
         else:
             states = [self._second_order_state(p) for p in params]
@@ -575,10 +628,20 @@ class SGDPH(Optimizer):
                 alpha = group["hessian_momentum"]
                 corrections = [1 - alpha ** s["hessian_refreshes"] if s["hessian_refreshes"] else None for s in states]
             sgdph(
-                params, grads, bufs, [s["hessian_ema"] for s in states], fresh, corrections,
-                foreach=group["foreach"], lr=group["lr"], momentum=group["momentum"],
-                weight_decay=group["weight_decay"], so_lr=group["so_lr"], hessian_momentum=alpha,
-                eps=group["eps"], eps_in_correction=group["authors_code"],
+                params,
+                grads,
+                bufs,
+                [s["hessian_ema"] for s in states],
+                fresh,
+                corrections,
+                foreach=group["foreach"],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                so_lr=group["so_lr"],
+                hessian_momentum=alpha,
+                eps=group["eps"],
+                eps_in_correction=group["authors_code"],
             )
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
@@ -621,22 +684,54 @@ def sgdph(
     ``foreach`` the tensors are grouped by device and dtype and updated with ``torch._foreach_*``
     kernels; the default follows torch (foreach on CUDA).
     """
-    if not (len(params) == len(grads) == len(momentum_buffers) == len(hessian_emas) == len(hessians)
-            == len(bias_corrections)):
-        raise ValueError("sgdph: params, grads, momentum_buffers, hessian_emas, hessians and bias_corrections "
-                         "must have one entry per parameter")
+    if not (
+        len(params)
+        == len(grads)
+        == len(momentum_buffers)
+        == len(hessian_emas)
+        == len(hessians)
+        == len(bias_corrections)
+    ):
+        raise ValueError(
+            "sgdph: params, grads, momentum_buffers, hessian_emas, hessians and bias_corrections "
+            "must have one entry per parameter"
+        )
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     update = _multi_tensor_sgdph if foreach else _single_tensor_sgdph
     update(
-        params, grads, momentum_buffers, hessian_emas, hessians, bias_corrections, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum, eps=eps,
+        params,
+        grads,
+        momentum_buffers,
+        hessian_emas,
+        hessians,
+        bias_corrections,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        so_lr=so_lr,
+        hessian_momentum=hessian_momentum,
+        eps=eps,
         eps_in_correction=eps_in_correction,
     )
 
 
-def _single_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians, bias_corrections, *, lr,
-                         momentum, weight_decay, so_lr, hessian_momentum, eps, eps_in_correction) -> None:
+def _single_tensor_sgdph(
+    params,
+    grads,
+    momentum_buffers,
+    hessian_emas,
+    hessians,
+    bias_corrections,
+    *,
+    lr,
+    momentum,
+    weight_decay,
+    so_lr,
+    hessian_momentum,
+    eps,
+    eps_in_correction,
+) -> None:
     for i, param in enumerate(params):
         grad = grads[i]
         if momentum != 0:
@@ -663,12 +758,27 @@ def _single_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians
         param.add_(direction, alpha=-lr)
 
 
-def _multi_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians, bias_corrections, *, lr,
-                        momentum, weight_decay, so_lr, hessian_momentum, eps, eps_in_correction) -> None:
+def _multi_tensor_sgdph(
+    params,
+    grads,
+    momentum_buffers,
+    hessian_emas,
+    hessians,
+    bias_corrections,
+    *,
+    lr,
+    momentum,
+    weight_decay,
+    so_lr,
+    hessian_momentum,
+    eps,
+    eps_in_correction,
+) -> None:
     if not params:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, momentum_buffers, hessian_emas, hessians], with_indices=True  # type: ignore[list-item]
+        [params, grads, momentum_buffers, hessian_emas, hessians],
+        with_indices=True,  # type: ignore[list-item]
     )
     for (dev_params, dev_grads, dev_bufs, dev_emas, dev_hessians), indices in grouped.values():
         dev_params, dev_grads, dev_emas = (cast(list[Tensor], x) for x in (dev_params, dev_grads, dev_emas))
@@ -688,8 +798,9 @@ def _multi_tensor_sgdph(params, grads, momentum_buffers, hessian_emas, hessians,
         if fresh:
             emas = [dev_emas[i] for i in fresh]
             torch._foreach_mul_(emas, hessian_momentum)
-            torch._foreach_add_(emas, torch._foreach_abs([cast(Tensor, dev_hessians[i]) for i in fresh]),
-                                alpha=1 - hessian_momentum)
+            torch._foreach_add_(
+                emas, torch._foreach_abs([cast(Tensor, dev_hessians[i]) for i in fresh]), alpha=1 - hessian_momentum
+            )
         corrections = [bias_corrections[j] for j in indices]
         pre = [i for i, c in enumerate(corrections) if c is not None]
         raw = [i for i, c in enumerate(corrections) if c is None]

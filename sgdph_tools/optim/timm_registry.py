@@ -12,6 +12,7 @@ carry no ``second_order`` flag: SGDPH then applies the authors' rule (1-D params
 last one first-order). For the tag-based groups pass ``param_group_fn=sgdph_tools.sgdph_param_groups``.
 timm splits optimizer names at ``_`` (``lookahead_sgdph``), hence names without one.
 """
+
 from __future__ import annotations
 
 from timm.optim import OptimInfo
@@ -22,8 +23,10 @@ from .sgdph import SGDPH
 #: name -> (description, constructor defaults); all drivable by timm's train.py.
 TIMM_OPTIMIZERS = {
     "sgdph": ("SGD with Partial Hessian: SGDM plus a Newton-type step for channel-wise 1-D params (rowsum)", {}),
-    "sgdphhutchinson": ("SGD-PH with Hutchinson's unbiased diagonal estimate, one HVP for all 1-D params",
-                        {"estimator": "hutchinson"}),
+    "sgdphhutchinson": (
+        "SGD-PH with Hutchinson's unbiased diagonal estimate, one HVP for all 1-D params",
+        {"estimator": "hutchinson"},
+    ),
     "sgdphauthors": ("SGD-PH as the authors' released sgdph.py computes it", {"authors_code": True}),
 }
 
@@ -33,7 +36,14 @@ def register_with_timm() -> None:
     registered = set(default_registry.list_optimizers())
     for name, (description, defaults) in TIMM_OPTIMIZERS.items():
         if name not in registered:
-            default_registry.register(OptimInfo(
-                name=name, opt_class=SGDPH, description=description, has_eps=True, has_momentum=True,
-                second_order=True, defaults=defaults or None,
-            ))
+            default_registry.register(
+                OptimInfo(
+                    name=name,
+                    opt_class=SGDPH,
+                    description=description,
+                    has_eps=True,
+                    has_momentum=True,
+                    second_order=True,
+                    defaults=defaults or None,
+                )
+            )

@@ -7,6 +7,7 @@ changes and loads with ``torch.load(weights_only=True)``.
 
 ``load_model`` also accepts a model name and a plain state_dict (a timm checkpoint) with a name.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,9 @@ from .rewrite import ConversionReport, convert
 FORMAT = "sgdph-tools/converted-model"
 TRAIN_FORMAT = "sgdph-tools/train-checkpoint"  # written by sgdph train: a superset of this format
 VERSION = 1
+# The training checkpoint's own version (its model part is this format's version 1). 2: best.pt is
+# chosen on validation (``best_val_acc1``); 1 chose on test (``best_acc1``).
+TRAIN_VERSION = 2
 
 
 def save_converted(path: str | os.PathLike, model: nn.Module, spec: ModelSpec, report: ConversionReport) -> Path:
@@ -66,15 +70,19 @@ def is_converted(payload: Any) -> bool:
 def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, dict | None]:
     """Rebuild the model a checkpoint describes and load its weights. ``conversion`` is None for a
     trained model that was not converted."""
-    if payload.get("version", 0) > VERSION:
+    if payload.get("version", 0) > (TRAIN_VERSION if payload.get("format") == TRAIN_FORMAT else VERSION):
         raise UserError(f"checkpoint format version {payload['version']} is newer than this sgdph-tools understands")
     spec = ModelSpec(**payload["model"])
     conversion = payload.get("conversion")
     model = create_model(spec)
     if conversion is not None:
         model, _ = convert(
-            model, wn=conversion["wn"], strip_norm=conversion["strip_norm"], exclude=conversion["exclude"],
-            layers=conversion["layers"], verify=False,
+            model,
+            wn=conversion["wn"],
+            strip_norm=conversion["strip_norm"],
+            exclude=conversion["exclude"],
+            layers=conversion["layers"],
+            verify=False,
         )
     _load_state_dict(model, payload["state_dict"], spec.display_name)
     return model, spec, conversion
@@ -107,8 +115,12 @@ def plain_state_dict(payload: Any) -> dict | None:
 
 
 def load_model(
-    source: str, *, model_name: str | None = None, num_classes: int | None = None,
-    img_size: int | None = None, **kwargs,
+    source: str,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    **kwargs,
 ) -> tuple[nn.Module, ModelSpec, dict | None]:
     """A model from a converted checkpoint, a plain checkpoint (needs ``model_name``), or a name.
 

@@ -1,5 +1,6 @@
 """Export: bake weight-normalised layers into plain ones and check the result against the plain
 architecture, built fresh by name — the model a user will load the state_dict into."""
+
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,12 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..models.factory import ModelSpec, create_model
-from .rewrite import eval_output, bake_model, example_input_for, verify_outputs
+from .rewrite import bake_model, eval_output, example_input_for, verify_outputs
 
 
-def export_plain(model: nn.Module, spec: ModelSpec, img_size: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+def export_plain(
+    model: nn.Module, spec: ModelSpec, img_size: int | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
     """A state_dict of ``spec``'s plain architecture that computes what ``model`` computes.
 
     A decoupled layer always has a bias; where the original layer had none, the bias is dropped if

@@ -20,6 +20,7 @@ Layers the top-level graph does not show as module calls are still decided, and 
 
 The graph is only used to decide; the eager model is never replaced by a GraphModule.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,17 +35,42 @@ import torch.nn.functional as F
 from .. import module_kinds
 
 GRAPH, LEAF_GRAPH, WEIGHT_USE, LEAF_OUTPUT, MODULE_ORDER = (
-    "graph", "leaf graph", "weight use", "leaf output", "module order"
+    "graph",
+    "leaf graph",
+    "weight use",
+    "leaf output",
+    "module order",
 )
 
 # Ops that only move or reshape data: the tensor's channels survive, so look through them.
 _PASS_THROUGH_METHODS = {
-    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
-    "view_as", "reshape_as", "unflatten", "movedim", "swapaxes", "swapdims", "to", "float",
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "flatten",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+    "unflatten",
+    "movedim",
+    "swapaxes",
+    "swapdims",
+    "to",
+    "float",
 }
 _PASS_THROUGH_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    torch.movedim, torch.swapaxes, torch.unflatten,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.movedim,
+    torch.swapaxes,
+    torch.unflatten,
 }
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
 # Uses that read only a tensor's shape/dtype/device.
@@ -54,14 +80,26 @@ _AS_METHODS = {"view_as", "reshape_as", "expand_as", "type_as"}  # their argumen
 
 
 def _norm_functions() -> set:
-    fns = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, torch.batch_norm,
-           torch.layer_norm, torch.group_norm, torch.instance_norm}
+    fns = {
+        F.batch_norm,
+        F.layer_norm,
+        F.group_norm,
+        F.instance_norm,
+        torch.batch_norm,
+        torch.layer_norm,
+        torch.group_norm,
+        torch.instance_norm,
+    }
     if hasattr(F, "rms_norm"):
         fns |= {F.rms_norm}
     try:  # timm's fused/fast norm functions, which its norm layers call
         from timm.layers import fast_norm
-        fns |= {getattr(fast_norm, n) for n in dir(fast_norm)
-                if "norm" in n and callable(getattr(fast_norm, n)) and not n.startswith(("is_", "set_", "get_", "_"))}
+
+        fns |= {
+            getattr(fast_norm, n)
+            for n in dir(fast_norm)
+            if "norm" in n and callable(getattr(fast_norm, n)) and not n.startswith(("is_", "set_", "get_", "_"))
+        }
     except ImportError:
         pass
     return fns
@@ -96,6 +134,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, extra_leaves: frozenset[str] = frozenset()):
         try:
             from timm.layers._fx import get_notrace_functions, get_notrace_modules
+
             leaf_types, functions = tuple(get_notrace_modules()), get_notrace_functions()
         except ImportError:
             leaf_types, functions = (), []
@@ -105,8 +144,13 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if (module_kinds.is_norm(m) or module_kinds.is_conv_or_linear(m) or module_kinds.is_weight_norm(m)
-                or isinstance(m, self.leaf_types) or qualname in self.extra_leaves):
+        if (
+            module_kinds.is_norm(m)
+            or module_kinds.is_conv_or_linear(m)
+            or module_kinds.is_weight_norm(m)
+            or isinstance(m, self.leaf_types)
+            or qualname in self.extra_leaves
+        ):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -134,7 +178,8 @@ def trace(module: nn.Module, max_retries: int = 32) -> tuple[fx.Graph, list[str]
     """
     params = list(inspect.signature(module.forward).parameters.values())[1:]
     concrete = {
-        p.name: p.default for p in params
+        p.name: p.default
+        for p in params
         if p.default is not inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
@@ -284,7 +329,9 @@ def _analyse_module(module, name, context, decisions, analysis, depth) -> None:
             analysis.notes.append(f"leaf '{name}' ({type(module).__name__}) did not trace: {_first_line(exc)}")
             analysis.untraced_leaves[name] = context
         for child_name, child in module.named_children():
-            if not (module_kinds.is_conv_or_linear(child) or module_kinds.is_norm(child)) and _has_conv_or_linear(child):
+            if not (module_kinds.is_conv_or_linear(child) or module_kinds.is_norm(child)) and _has_conv_or_linear(
+                child
+            ):
                 _analyse_module(child, f"{name}.{child_name}", UNKNOWN, decisions, analysis, depth + 1)
         return
     _note_isolated(analysis, name, isolated)
@@ -319,7 +366,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _module_order_decision(name: str, order: list[tuple[str, nn.Module]], why: str) -> tuple[bool, str]:
     index = next(i for i, (n, _) in enumerate(order) if n == name)
-    for next_name, next_module in order[index + 1:]:
+    for next_name, next_module in order[index + 1 :]:
         if next_name.startswith(name + "."):
             continue
         if module_kinds.is_norm(next_module):
@@ -341,8 +388,11 @@ def analyse(model: nn.Module) -> GraphAnalysis:
         _analyse_graph(graph, model, "", None, decisions, GRAPH, analysis)
 
     # Module order over conv/linear and norm layers: the fallback for every layer left undecided.
-    order = [(n, m) for n, m in model.named_modules()
-             if module_kinds.is_conv_or_linear(m) or module_kinds.is_weight_norm(m) or module_kinds.is_norm(m)]
+    order = [
+        (n, m)
+        for n, m in model.named_modules()
+        if module_kinds.is_conv_or_linear(m) or module_kinds.is_weight_norm(m) or module_kinds.is_norm(m)
+    ]
     for name, module in order:
         if module_kinds.is_norm(module) or name in decisions:
             continue

@@ -5,6 +5,7 @@ qualified name, so it keeps its class and methods (``forward_features``, ``reset
 ``pretrained_cfg``). Every conversion is verified: eval-mode outputs before and after must agree to
 float rounding, otherwise :class:`VerificationError` is raised.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -206,8 +207,14 @@ def convert(
             model.set_submodule(report.name, to_weight_norm(model.get_submodule(report.name)))
 
     result = ConversionReport(
-        layers=reports, wn=wn, strip_norm=strip_norm, exclude=exclude, traced=analysis.traced,
-        trace_error=analysis.trace_error, notes=analysis.notes, stripped_norms=stripped,
+        layers=reports,
+        wn=wn,
+        strip_norm=strip_norm,
+        exclude=exclude,
+        traced=analysis.traced,
+        trace_error=analysis.trace_error,
+        notes=analysis.notes,
+        stripped_norms=stripped,
     )
     if verify:
         result.max_abs_error = verify_outputs(before, eval_output(model, example_input))

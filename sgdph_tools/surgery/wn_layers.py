@@ -9,6 +9,7 @@ an ``nn.Conv1d/2d/3d`` (grouped and depthwise included) or ``nn.Linear`` with id
 PyTorch's own ``weight_norm`` parametrization keeps g with shape (out, 1, 1, 1), makes
 ``torch.save(model)`` fail and is tagged by an awkward name; hence these small modules.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,17 @@ class _WNConvNd(_WeightNorm):
 
     def __init__(self, conv: nn.modules.conv._ConvNd):
         super().__init__()
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                     "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(self, attr, getattr(conv, attr))
         self._init_params(conv.weight, conv.bias)
 
@@ -68,14 +78,24 @@ class _WNConvNd(_WeightNorm):
         return self._conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, weight-normalised")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, weight-normalised"
+        )
 
     def bake(self) -> nn.Module:
         conv = self.plain_type(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, bias=True, padding_mode=self.padding_mode,
-            device=self.direction.device, dtype=self.direction.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+            padding_mode=self.padding_mode,
+            device=self.direction.device,
+            dtype=self.direction.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(self.weight)
@@ -113,8 +133,9 @@ class WNLinear(_WeightNorm):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight-normalised"
 
     def bake(self) -> nn.Module:
-        linear = nn.Linear(self.in_features, self.out_features, bias=True,
-                           device=self.direction.device, dtype=self.direction.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=True, device=self.direction.device, dtype=self.direction.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(self.weight)
             linear.bias.copy_(self.bias)

@@ -1,4 +1,5 @@
 """The trainer behind ``sgdph train``: recipes in, metrics, curves and checkpoints out."""
+
 from .trainer import Trainer
 
 __all__ = ["Trainer"]

@@ -6,6 +6,7 @@ How a step runs depends on the optimizer:
 - second-order baselines (AdaHessian): ``backward(create_graph=True)``, then ``step()``;
 - everything else: the usual ``backward()``, optional unscale and clip, ``step()``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ class StepSettings:
         return torch.autocast(self.device.type, dtype=dtype)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: StepSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimization step; returns the batch's (loss, logits), detached."""
     if isinstance(optimizer, SGDPH):
         first: list[torch.Tensor] = []
@@ -88,8 +90,17 @@ def _to_device(batch, s: StepSettings):
     return x, y.to(s.device, non_blocking=True)
 
 
-def train_one_epoch(model, optimizer, scheduler, loader, s: StepSettings, *, epoch: int, log_every: int,
-                    on_progress: Callable[[int, dict], None] | None = None) -> dict:
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    s: StepSettings,
+    *,
+    epoch: int,
+    log_every: int,
+    on_progress: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train for one epoch; returns train_loss, train_acc1 (percent) and images per second, reduced
     over processes. Raises NonFiniteLoss as soon as the loss is inf or NaN (checked every
     ``log_every`` iterations, where the running sums are read anyway)."""
@@ -110,19 +121,30 @@ def train_one_epoch(model, optimizer, scheduler, loader, s: StepSettings, *, epo
             if not torch.isfinite(torch.tensor(loss_sum)):
                 raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}, iteration {i}")
             if on_progress is not None:
-                on_progress(i, {"loss": loss_sum / count, "acc1": 100 * correct / count,
-                                "lr": optimizer.param_groups[0]["lr"],
-                                "img_s": count * distributed.world_size() / (time.perf_counter() - start)})
+                on_progress(
+                    i,
+                    {
+                        "loss": loss_sum / count,
+                        "acc1": 100 * correct / count,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "img_s": count * distributed.world_size() / (time.perf_counter() - start),
+                    },
+                )
     seconds = time.perf_counter() - start
     totals = torch.cat([totals, torch.tensor([float(count)], device=s.device, dtype=torch.float64)])
     loss_sum, correct, count = distributed.all_reduce_sum_(totals).tolist()
-    return {"train_loss": loss_sum / count, "train_acc1": 100 * correct / count,
-            "train_images_per_second": count / seconds, "train_seconds": seconds}
+    return {
+        "train_loss": loss_sum / count,
+        "train_acc1": 100 * correct / count,
+        "train_images_per_second": count / seconds,
+        "train_seconds": seconds,
+    }
 
 
 @torch.no_grad()
-def evaluate(model, loader, s: StepSettings) -> dict:
-    """Test loss, top-1 and top-5 accuracy (percent, as timm reports them), exact over processes."""
+def evaluate(model, loader, s: StepSettings, split: str = "test") -> dict:
+    """Loss, top-1 and top-5 accuracy (percent, as timm reports them) on ``split`` (the keys'
+    prefix: ``val`` or ``test``), exact over processes."""
     model.eval()
     totals = torch.zeros(4, device=s.device, dtype=torch.float64)  # loss sum, top-1, top-5, count
     for batch in loader:
@@ -137,4 +159,4 @@ def evaluate(model, loader, s: StepSettings) -> dict:
         totals[2] += hits.any(1).sum()
         totals[3] += y.numel()
     loss_sum, top1, top5, count = distributed.all_reduce_sum_(totals).tolist()
-    return {"test_loss": loss_sum / count, "test_acc1": 100 * top1 / count, "test_acc5": 100 * top5 / count}
+    return {f"{split}_loss": loss_sum / count, f"{split}_acc1": 100 * top1 / count, f"{split}_acc5": 100 * top5 / count}

@@ -1,29 +1,32 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON line per epoch) and ``curves.png``."""
+"""Run outputs: ``metrics.jsonl`` (a header line, then one JSON line per epoch: :mod:`sgdph_tools.records`)
+and ``curves.png``."""
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..records import append_jsonl, read_jsonl, rewrite_jsonl
+
+#: Written into a run's folder when its loss became non-finite (the message inside).
+DIVERGED = "diverged.txt"
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(path, "metrics", row)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path, "metrics")
 
 
 def truncate_metrics(path: Path, epochs: int) -> None:
     """Keep the rows of the first ``epochs`` epochs (a resumed run rewrites what came after)."""
     rows = [r for r in read_metrics(path) if r["epoch"] <= epochs]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rewrite_jsonl(path, "metrics", rows)
 
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    """Train loss and test accuracy per epoch, as the paper's figures."""
+    """Loss and top-1 per epoch (train, validation when there is one, test), as the paper's figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,9 +35,13 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    if "val_loss" in rows[0]:
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
     ax_loss.plot(epochs, [r["test_loss"] for r in rows], label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
+    if "val_acc1" in rows[0]:
+        ax_acc.plot(epochs, [r["val_acc1"] for r in rows], label="validation top-1")
     ax_acc.plot(epochs, [r["test_acc1"] for r in rows], label="test top-1")
     ax_acc.plot(epochs, [r["train_acc1"] for r in rows], label="train top-1", alpha=0.6)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")

@@ -4,7 +4,7 @@ Where each comes from (so results can be traced to an implementation):
 
 | recipe name | implementation |
 |---|---|
-| ``sgdph`` | ``sgdph_tools.SGDPH`` with the tag-based groups of ``sgdph_param_groups`` (``authors_code``: plain parameters, the authors' rule) |
+| ``sgdph`` | ``sgdph_tools.SGDPH`` with the groups of ``sgdph_param_groups`` (``authors_code``: the authors' rule) |
 | ``sgd`` | ``torch.optim.SGD`` with momentum, no Nesterov (timm's factory name ``momentum``) |
 | ``adam``, ``adamw`` | ``torch.optim.Adam`` / ``torch.optim.AdamW`` via timm's factory |
 | ``adabelief``, ``adahessian`` | ``timm.optim.AdaBelief`` / ``timm.optim.Adahessian`` via timm's factory |
@@ -14,6 +14,7 @@ Weight decay applies to every parameter, as in the paper's runs (timm's factory 
 exempt 1-D parameters). Second-order baselines report ``is_second_order`` and the trainer runs
 ``backward(create_graph=True)`` for them.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,13 @@ from ..optim import SGDPH, sgdph_param_groups
 from ..recipe import OptimizerCfg, ScheduleCfg
 from ..tagging import CHANNELWISE_KINDS
 
-_TIMM_NAMES = {"sgd": "momentum", "adam": "adam", "adamw": "adamw", "adabelief": "adabelief", "adahessian": "adahessian"}
+_TIMM_NAMES = {
+    "sgd": "momentum",
+    "adam": "adam",
+    "adamw": "adamw",
+    "adabelief": "adabelief",
+    "adahessian": "adahessian",
+}
 
 
 def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -38,13 +45,22 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
         # The authors' rule picks its parameters by ndim, from the plain parameter list.
         params = model.parameters() if cfg.authors_code else sgdph_param_groups(model, kinds)
         return SGDPH(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            so_lr=cfg.so_lr, hessian_momentum=cfg.hessian_momentum, estimator=cfg.estimator, engine=cfg.engine,
-            hessian_every=cfg.hessian_every, gnb_fraction=cfg.gnb_fraction, authors_code=cfg.authors_code,
-            model=model, **extra,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            so_lr=cfg.so_lr,
+            hessian_momentum=cfg.hessian_momentum,
+            estimator=cfg.estimator,
+            engine=cfg.engine,
+            hessian_every=cfg.hessian_every,
+            gnb_fraction=cfg.gnb_fraction,
+            authors_code=cfg.authors_code,
+            model=model,
+            **extra,
         )
     if cfg.name == "apollo":
-        from pytorch_optimizer import ApolloDQN
+        from pytorch_optimizer import ApolloDQN  # an extra: the recipe's validation names it when missing
 
         return ApolloDQN(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
     if cfg.betas is not None:
@@ -70,7 +86,9 @@ def lr_factor(cfg: ScheduleCfg, epoch: float, epochs: int, base_lr: float) -> fl
     return factor
 
 
-def build_scheduler(cfg: ScheduleCfg, optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int, base_lr: float):
+def build_scheduler(
+    cfg: ScheduleCfg, optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int, base_lr: float
+):
     """A LambdaLR stepped once per iteration (warmup and cosine are smooth; multistep changes at the
     first iteration of a milestone epoch, as torch's MultiStepLR stepped per epoch)."""
     return torch.optim.lr_scheduler.LambdaLR(

@@ -5,6 +5,7 @@ so ``sgdph inspect`` and ``sgdph export`` read training checkpoints too, and add
 scheduler and GradScaler states, the RNG states, the epoch, the best accuracy and the recipe. It
 holds only plain data and tensors: it loads with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +14,11 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..errors import UserError
 from ..io import atomic_save
-from ..surgery.checkpoint import read_checkpoint
+from ..surgery.checkpoint import TRAIN_FORMAT, TRAIN_VERSION, read_checkpoint
 
-FORMAT = "sgdph-tools/train-checkpoint"
-VERSION = 1
+FORMAT, VERSION = TRAIN_FORMAT, TRAIN_VERSION
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -33,29 +34,49 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_training_state(path: Path, *, recipe: dict, model_spec: dict, conversion: dict | None, model, optimizer,
-                        scheduler, scaler, epoch: int, best_acc1: float, device: torch.device) -> Path:
-    return atomic_save({
-        "format": FORMAT,
-        "version": VERSION,
-        "sgdph_tools_version": __version__,
-        "recipe": recipe,
-        "model": model_spec,
-        "conversion": conversion,
-        "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(device),
-        "epoch": epoch,  # completed epochs
-        "best_acc1": best_acc1,
-    }, path)
+def save_training_state(
+    path: Path,
+    *,
+    recipe: dict,
+    model_spec: dict,
+    conversion: dict | None,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    best_val_acc1: float,
+    device: torch.device,
+) -> Path:
+    return atomic_save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "sgdph_tools_version": __version__,
+            "recipe": recipe,
+            "model": model_spec,
+            "conversion": conversion,
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(device),
+            "epoch": epoch,  # completed epochs
+            "best_val_acc1": best_val_acc1,  # -inf without a validation set
+        },
+        path,
+    )
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
     payload = read_checkpoint(path)
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
-        from ..errors import UserError
-
         raise UserError(f"{path} is not a training checkpoint written by sgdph train")
+    if payload.get("version", 1) > VERSION:
+        raise UserError(
+            f"{path} is a training checkpoint of version {payload['version']} (sgdph-tools "
+            f"{payload.get('sgdph_tools_version', '?')}); this sgdph-tools reads up to version {VERSION}: upgrade it"
+        )
+    if "best_val_acc1" not in payload:  # version 1 selected on test: there is no validation best to continue
+        payload["best_val_acc1"] = float("-inf")
     return payload

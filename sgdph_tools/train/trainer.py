@@ -4,6 +4,7 @@ Read top to bottom: ``Trainer.__init__`` sets up processes, device, data, model,
 schedule; ``run`` trains, evaluates every epoch, writes metrics, curves and checkpoints (rank 0
 only), and stops with a clear message on a non-finite loss, keeping the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ from ..optim import SGDPH
 from ..recipe import Recipe
 from ..surgery.rewrite import convert, example_input_for
 from .loop import NonFiniteLoss, StepSettings, evaluate, train_one_epoch
-from .metrics import append_metrics, plot_curves, read_metrics, truncate_metrics
+from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, truncate_metrics
 from .optimizers import build_optimizer, build_scheduler
 from .state import load_training_state, save_training_state, set_rng_state
 
@@ -77,9 +78,15 @@ class Trainer:
 
         # Data: the global batch is split over processes.
         self.data = build_datasets(recipe.data)
-        self.train_loader, self.test_loader, self.sampler = build_loaders(
-            self.data, recipe.data, t.batch_size, t.eval_batch_size or 2 * t.batch_size, seed=t.seed,
-            rank=self.rank, world=self.world, pin_memory=use_cuda,
+        self.loaders = build_loaders(
+            self.data,
+            recipe.data,
+            t.batch_size,
+            t.eval_batch_size or 2 * t.batch_size,
+            seed=t.seed,
+            rank=self.rank,
+            world=self.world,
+            pin_memory=use_cuda,
         )
 
         # Model: built by name for the data's classes and channels, converted when asked.
@@ -92,10 +99,15 @@ class Trainer:
         self.conversion = None
         if conv.wn or conv.strip_norm:
             example = example_input_for(model, self.data.img_size)
-            model, report = convert(model, wn=conv.wn, strip_norm=conv.strip_norm, exclude=conv.exclude,
-                                    example_input=example)
-            self.conversion = {"wn": conv.wn, "strip_norm": conv.strip_norm, "exclude": list(conv.exclude),
-                               "layers": report.decoupled}
+            model, report = convert(
+                model, wn=conv.wn, strip_norm=conv.strip_norm, exclude=conv.exclude, example_input=example
+            )
+            self.conversion = {
+                "wn": conv.wn,
+                "strip_norm": conv.strip_norm,
+                "exclude": list(conv.exclude),
+                "layers": report.decoupled,
+            }
             _log(f"converted {self.spec.display_name}: {len(report.decoupled)} layers decoupled")
         self.model = model.to(self.device)
         if t.channels_last:
@@ -103,25 +115,37 @@ class Trainer:
 
         # Optimizer, schedule, mixed precision.
         self.optimizer = build_optimizer(recipe.optimizer, self.model)
-        if self.world > 1 and getattr(self.optimizer, "is_second_order", False) and not isinstance(self.optimizer, SGDPH):
-            raise UserError(f"optimizer '{recipe.optimizer.name}' needs backward(create_graph=True), which DDP does "
-                            "not support; train it with one process")
-        self.scheduler = build_scheduler(recipe.schedule, self.optimizer, t.epochs, len(self.train_loader), recipe.optimizer.lr)
+        if (
+            self.world > 1
+            and getattr(self.optimizer, "is_second_order", False)
+            and not isinstance(self.optimizer, SGDPH)
+        ):
+            raise UserError(
+                f"optimizer '{recipe.optimizer.name}' needs backward(create_graph=True), which DDP does "
+                "not support; train it with one process"
+            )
+        self.scheduler = build_scheduler(
+            recipe.schedule, self.optimizer, t.epochs, len(self.loaders.train), recipe.optimizer.lr
+        )
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last)
-        self.start_epoch, self.best_acc1 = 0, float("-inf")
+        self.start_epoch, self.best_val_acc1 = 0, float("-inf")
         if resume:
             self._resume()
         elif (self.run_dir / "last.pt").exists():
-            raise UserError(f"{self.run_dir} already holds a run: continue it with --resume, or choose another "
-                            "trainer.name (or trainer.output_dir)")
+            raise UserError(
+                f"{self.run_dir} already holds a run: continue it with --resume, or choose another "
+                "trainer.name (or trainer.output_dir)"
+            )
 
         # Processes and compilation wrap the model used for forward passes; self.model stays the
         # plain module whose state_dict is saved.
         self.net: nn.Module = self.model
         if self.world > 1:
             # DDP's default re-broadcasts rank 0's buffers (BatchNorm statistics) at every forward.
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if use_cuda else None)
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if use_cuda else None
+            )
         if t.compile:
             self.net = torch.compile(self.net)
         self.on_epoch_end: list[Callable[[int, dict], None]] = []  # hooks (tests use them to interrupt)
@@ -135,15 +159,17 @@ class Trainer:
         state = load_training_state(path)
         changed = _recipe_changes(state["recipe"], self.recipe.as_dict())
         if changed:
-            raise UserError(f"the recipe differs from the run being resumed in {', '.join(changed[:4])}; "
-                            "resume with the same recipe and overrides")
+            raise UserError(
+                f"the recipe differs from the run being resumed in {', '.join(changed[:4])}; "
+                "resume with the same recipe and overrides"
+            )
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
-        self.start_epoch, self.best_acc1 = state["epoch"], state["best_acc1"]
+        self.start_epoch, self.best_val_acc1 = state["epoch"], state["best_val_acc1"]
         if self.rank == 0:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start_epoch)
         _log(f"resumed {self.run_dir} after epoch {self.start_epoch}")
@@ -163,27 +189,51 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.recipe.to_yaml(), self.run_dir / "recipe.yaml")
-        _log(f"training {self.spec.display_name} on {self.recipe.data.name} with {self.recipe.optimizer.name}: "
-             f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) on {self.device.type}, "
-             f"{t.precision}; output {self.run_dir}")
-        progress = _Progress(enabled=t.progress and self.rank == 0, total=len(self.train_loader))
+            (self.run_dir / DIVERGED).unlink(missing_ok=True)  # a new attempt: not diverged (yet)
+        _log(
+            f"training {self.spec.display_name} on {self.recipe.data.name} with {self.recipe.optimizer.name}: "
+            f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) on {self.device.type}, "
+            f"{t.precision}; output {self.run_dir}"
+        )
+        progress = _Progress(enabled=t.progress and self.rank == 0, total=len(self.loaders.train))
         for epoch in range(self.start_epoch, t.epochs):
-            self.sampler.set_epoch(epoch)
+            self.loaders.sampler.set_epoch(epoch)
             start = time.perf_counter()
             progress.start(epoch, t.epochs)
             try:
-                train = train_one_epoch(self.net, self.optimizer, self.scheduler, self.train_loader, self.settings,
-                                        epoch=epoch, log_every=t.log_every, on_progress=progress.update)
+                train = train_one_epoch(
+                    self.net,
+                    self.optimizer,
+                    self.scheduler,
+                    self.loaders.train,
+                    self.settings,
+                    epoch=epoch,
+                    log_every=t.log_every,
+                    on_progress=progress.update,
+                )
             except NonFiniteLoss as exc:
                 progress.stop()
                 last = self.run_dir / "last.pt"
-                kept = f"the last good checkpoint is {last} (after epoch {epoch})" if last.exists() \
+                kept = (
+                    f"the last good checkpoint is {last} (after epoch {epoch})"
+                    if last.exists()
                     else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"{exc}; stopped, {kept}. Lower optimizer.lr or set trainer.grad_clip") from None
+                )
+                message = f"{exc}; stopped, {kept}. Lower optimizer.lr or set trainer.grad_clip"
+                if self.rank == 0:  # the run's folder says so: reports count it as diverged, sweeps do not retry it
+                    atomic_write_text(message + "\n", self.run_dir / DIVERGED)
+                raise NonFiniteLoss(message) from None
             progress.stop()
-            test = evaluate(self.net, self.test_loader, self.settings)
-            row = {"epoch": epoch + 1, **train, **test, "lr": self.optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - start}
+            val = evaluate(self.net, self.loaders.val, self.settings, "val") if self.loaders.val is not None else {}
+            test = evaluate(self.net, self.loaders.test, self.settings, "test")
+            row = {
+                "epoch": epoch + 1,
+                **train,
+                **val,
+                **test,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - start,
+            }
             if self.world > 1:
                 row["replicas_in_sync"] = self._replicas_in_sync()
             self._end_epoch(epoch, row)
@@ -194,18 +244,33 @@ class Trainer:
         return read_metrics(self.run_dir / "metrics.jsonl") if self.rank == 0 else []
 
     def _end_epoch(self, epoch: int, row: dict) -> None:
-        _log(f"epoch {row['epoch']}/{self.recipe.trainer.epochs}  train loss {row['train_loss']:.4f}  "
-             f"test loss {row['test_loss']:.4f}  top-1 {row['test_acc1']:.2f}%  top-5 {row['test_acc5']:.2f}%  "
-             f"lr {row['lr']:.3g}  {row['train_images_per_second']:.0f} img/s  {row['seconds']:.1f}s")
+        val = f"val top-1 {row['val_acc1']:.2f}%  " if "val_acc1" in row else ""
+        _log(
+            f"epoch {row['epoch']}/{self.recipe.trainer.epochs}  train loss {row['train_loss']:.4f}  {val}"
+            f"test loss {row['test_loss']:.4f}  top-1 {row['test_acc1']:.2f}%  top-5 {row['test_acc5']:.2f}%  "
+            f"lr {row['lr']:.3g}  {row['train_images_per_second']:.0f} img/s  {row['seconds']:.1f}s"
+        )
         if self.rank != 0:
             return
         append_metrics(self.run_dir / "metrics.jsonl", row)
         plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png", self.run_dir.name)
-        is_best = row["test_acc1"] > self.best_acc1
-        self.best_acc1 = max(self.best_acc1, row["test_acc1"])
-        state = dict(recipe=self.recipe.as_dict(), model_spec=self.spec.as_dict(), conversion=self.conversion,
-                     model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                     epoch=epoch + 1, best_acc1=self.best_acc1, device=self.device)
+        # best.pt is chosen on validation only; without a validation set there is none (the test set
+        # is reported, never selected on).
+        is_best = "val_acc1" in row and row["val_acc1"] > self.best_val_acc1
+        if is_best:
+            self.best_val_acc1 = row["val_acc1"]
+        state = dict(
+            recipe=self.recipe.as_dict(),
+            model_spec=self.spec.as_dict(),
+            conversion=self.conversion,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            epoch=epoch + 1,
+            best_val_acc1=self.best_val_acc1,
+            device=self.device,
+        )
         save_training_state(self.run_dir / "last.pt", **state)
         if is_best:
             save_training_state(self.run_dir / "best.pt", **state)
@@ -241,15 +306,22 @@ class _Progress:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         self._progress.start()
         self._task = self._progress.add_task("train", total=self.total, stats="")
 
     def update(self, iteration: int, stats: dict) -> None:
         if self._progress is not None:
-            text = (f"loss {stats['loss']:.4f}  acc {stats['acc1']:.1f}%  lr {stats['lr']:.3g}  "
-                    f"{stats['img_s']:.0f} img/s")
+            text = (
+                f"loss {stats['loss']:.4f}  acc {stats['acc1']:.1f}%  lr {stats['lr']:.3g}  {stats['img_s']:.0f} img/s"
+            )
             self._progress.update(self._task, completed=iteration, stats=text)
 
     def stop(self) -> None:

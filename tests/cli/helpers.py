@@ -1,4 +1,5 @@
 """Running the CLI: in-process (typer's runner) for speed, or as a real process for exit codes."""
+
 from __future__ import annotations
 
 import os
@@ -26,5 +27,11 @@ def invoke(*args: str, cwd=None):
 
 def sgdph(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """The real ``sgdph`` entry point in a subprocess (exit codes, stderr, no traceback)."""
-    return subprocess.run([sys.executable, "-m", "sgdph_tools", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sgdph_tools", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

@@ -1,4 +1,5 @@
 """The installed ``sgdph`` entry point, run as a real process."""
+
 from __future__ import annotations
 
 import subprocess

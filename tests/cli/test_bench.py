@@ -1,24 +1,52 @@
 """``sgdph bench`` end to end on a tiny model (the figures in docs/benchmarks.md come from real sizes)."""
+
 from __future__ import annotations
 
-import json
-
+from sgdph_tools.records import read_json
 from tests.cli.helpers import sgdph
 
-FIELDS = {"optimizer", "estimator", "engine", "hessian_every", "gnb_fraction", "step_ms", "peak_mb", "time_ratio", "memory_ratio"}
+FIELDS = {
+    "optimizer",
+    "estimator",
+    "engine",
+    "hessian_every",
+    "gnb_fraction",
+    "step_ms",
+    "peak_mb",
+    "time_ratio",
+    "memory_ratio",
+}
 
 
 def test_bench_measures_every_mode_against_sgdm(tmp_path):
     out = tmp_path / "bench.json"
-    result = sgdph("bench", "--model", "small_cnn", "--batch", "8", "--img-size", "8", "--num-classes", "3",
-                   "--steps", "2", "--threads", "1", "--json", str(out))
+    result = sgdph(
+        "bench",
+        "--model",
+        "small_cnn",
+        "--batch",
+        "8",
+        "--img-size",
+        "8",
+        "--num-classes",
+        "3",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
-    records = json.loads(out.read_text())
+    records = read_json(out, "bench")["records"]
     assert all(set(r) == FIELDS for r in records)
     assert [r["optimizer"] for r in records[:3]] == ["sgdm", "adamw", "adahessian"]
     assert records[0]["time_ratio"] == 1.0 and records[0]["estimator"] is None
-    sgdph_modes = {(r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"])
-                   for r in records if r["optimizer"] == "sgdph"}
+    sgdph_modes = {
+        (r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"])
+        for r in records
+        if r["optimizer"] == "sgdph"
+    }
     assert len(sgdph_modes) == 16 and ("gnb", None, 10, None) in sgdph_modes and ("gnb", None, 1, 0.25) in sgdph_modes
     assert ("rowsum", "gauss_newton", 1, None) in sgdph_modes
     for r in records:
@@ -29,12 +57,35 @@ def test_bench_measures_every_mode_against_sgdm(tmp_path):
 
 def test_bench_only_measures_the_modes_asked_for_and_sgdm(tmp_path):
     out = tmp_path / "bench.json"
-    result = sgdph("bench", "--model", "small_cnn", "--batch", "8", "--img-size", "8", "--num-classes", "3",
-                   "--steps", "1", "--threads", "1", "--only", "sgdph gnb*every 1", "--only", "adamw", "--json", str(out))
+    result = sgdph(
+        "bench",
+        "--model",
+        "small_cnn",
+        "--batch",
+        "8",
+        "--img-size",
+        "8",
+        "--num-classes",
+        "3",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--only",
+        "sgdph gnb*every 1",
+        "--only",
+        "adamw",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
-    records = json.loads(out.read_text())
-    assert [(r["optimizer"], r["gnb_fraction"]) for r in records] == [("sgdm", None), ("adamw", None), ("sgdph", None),
-                                                                      ("sgdph", 0.25)]
+    records = read_json(out, "bench")["records"]
+    assert [(r["optimizer"], r["gnb_fraction"]) for r in records] == [
+        ("sgdm", None),
+        ("adamw", None),
+        ("sgdph", None),
+        ("sgdph", 0.25),
+    ]
     result = sgdph("bench", "--model", "small_cnn", "--only", "lbfgs")
     assert result.returncode == 2 and "matches no mode" in result.stderr and "sgdph gnb, every 1" in result.stderr
 

@@ -1,20 +1,36 @@
 """``sgdph hessian`` end to end: exact blocks in float64 against every estimator × engine."""
+
 from __future__ import annotations
 
-import json
-
+from sgdph_tools.records import read_json
 from tests.cli.helpers import sgdph
 
 
 def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path):
     out = tmp_path / "hessian.json"
-    result = sgdph("hessian", "small_cnn", "--batch", "8", "--img-size", "8", "--max-tensors", "2",
-                   "--max-channels", "4", "--draws", "3", "--dtype", "float64", "--json", str(out))
+    result = sgdph(
+        "hessian",
+        "small_cnn",
+        "--batch",
+        "8",
+        "--img-size",
+        "8",
+        "--max-tensors",
+        "2",
+        "--max-channels",
+        "4",
+        "--draws",
+        "3",
+        "--dtype",
+        "float64",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    report = read_json(out, "hessian")
     assert [b["tensor"] for b in report["blocks"]] == ["features.0.1.weight", "features.0.1.bias"]
     assert all(b["channels"] == 4 and b["hessian_off_diagonal"] > 0.01 for b in report["blocks"])  # not diagonal
-    rows = report["estimates"]
+    rows = report["records"]
     assert len(rows) == 2 * 12  # 9 estimator x engine pairs, gnb on the batch, its half and its quarter
     assert sorted({r["gnb_fraction"] for r in rows if r["estimator"] == "gnb"}) == [0.25, 0.5, 1.0]
     for r in rows:
@@ -27,9 +43,25 @@ def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path
     assert "estimates against their exact target" in result.stdout
     # The same command again gives the same report: the model's initialisation is seeded too.
     again = tmp_path / "again.json"
-    sgdph("hessian", "small_cnn", "--batch", "8", "--img-size", "8", "--max-tensors", "2",
-          "--max-channels", "4", "--draws", "3", "--dtype", "float64", "--json", str(again))
-    assert json.loads(again.read_text()) == report
+    sgdph(
+        "hessian",
+        "small_cnn",
+        "--batch",
+        "8",
+        "--img-size",
+        "8",
+        "--max-tensors",
+        "2",
+        "--max-channels",
+        "4",
+        "--draws",
+        "3",
+        "--dtype",
+        "float64",
+        "--json",
+        str(again),
+    )
+    assert read_json(again, "hessian") == report
 
 
 def test_bad_inputs_are_one_line_errors():

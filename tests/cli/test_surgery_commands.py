@@ -1,4 +1,5 @@
 """sgdph convert / inspect / export."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def test_convert_writes_the_default_file_and_prints_a_summary(tmp_path):
 
 def test_convert_options(tmp_path):
     out = tmp_path / "r.pt"
-    result = invoke("convert", "resnet18_cifar", "--strip-norm", "-x", "fc", "--num-classes", "5", "-o", str(out), "--layers")
+    result = invoke(
+        "convert", "resnet18_cifar", "--strip-norm", "-x", "fc", "--num-classes", "5", "-o", str(out), "--layers"
+    )
     assert result.exit_code == 0, result.output
     assert "20 decoupled, 1 excluded" in result.output and "norm layers replaced by identities: 20" in result.output
     assert "matches --exclude" in result.output  # the per-layer table
@@ -47,9 +50,10 @@ def test_inspect_json(tmp_path):
     data = json.loads(result.output)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
     assert data["model"]["kwargs"] == {"num_classes": 10, "img_size": 32}
-    params = {p["name"]: p for p in data["parameters"]}
+    assert data["format"] == "sgdph-tools/inspect"
+    params = {p["name"]: p for p in data["records"]}
     assert params["blocks.0.attn.qkv.gamma"]["kind"] == "wn_gamma" and params["head.bias"]["group"] == "first_order"
-    assert data["totals"]["all"]["numel"] == sum(p["numel"] for p in data["parameters"])
+    assert data["totals"]["all"]["numel"] == sum(p["numel"] for p in data["records"])
     assert data["totals"]["all"]["numel"] > sum(p.numel() for p in model.parameters())  # gammas (and biases) added
     assert len(data["layers"]) == 50 and data["layers"][0]["action"] == "decoupled"
 

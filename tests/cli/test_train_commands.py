@@ -1,4 +1,5 @@
 """sgdph train / report from the command line."""
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,18 @@ def test_train_then_report(tmp_path):
         result = invoke("train", QUICK, "trainer.epochs=1", f"trainer.seed={seed}", f"trainer.output_dir={tmp_path}")
         assert result.exit_code == 0, result.output
         assert "epoch 1/1" in result.output
-    result = invoke("report", str(tmp_path / "quickstart-s0"), str(tmp_path / "quickstart-s1"), "--json",
-                    "--plot", str(tmp_path / "cmp.png"))
+    result = invoke(
+        "report",
+        str(tmp_path / "quickstart-s0"),
+        str(tmp_path / "quickstart-s1"),
+        "--json",
+        "-",
+        "--plot",
+        str(tmp_path / "cmp.png"),
+    )
     data = json.loads(result.output)
-    assert [r["seed"] for r in data["runs"]] == [0, 1]
-    assert data["experiments"][0]["runs"] == 2 and "±" in data["experiments"][0]["final_acc1"]
+    assert data["format"] == "sgdph-tools/report" and [r["seed"] for r in data["runs"]] == [0, 1]
+    assert data["records"][0]["runs"] == 2 and "±" in data["records"][0]["final_acc1"]
     assert (tmp_path / "cmp.png").is_file()
     result = invoke("report", str(tmp_path / "quickstart-s0"))
     assert "quickstart-s0" in result.output and "mean ± std" in result.output
@@ -34,8 +42,9 @@ def test_train_then_report(tmp_path):
 def test_bad_recipe_inputs_are_one_line_errors(tmp_path):
     r = sgdph("train", QUICK, "optimizer.lrr=0.1")
     assert r.returncode == 2
-    assert r.stderr.strip() == ("error: unknown recipe key 'optimizer.lrr'; did you mean 'optimizer.lr', "
-                                "'optimizer.so_lr', 'optimizer.eps'?")
+    assert r.stderr.strip() == (
+        "error: unknown recipe key 'optimizer.lrr'; did you mean 'optimizer.lr', 'optimizer.so_lr', 'optimizer.eps'?"
+    )
     r = sgdph("train", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and r.stderr.strip() == f"error: no such recipe file: {tmp_path / 'nope.yaml'}"
     r = sgdph("report", str(tmp_path))

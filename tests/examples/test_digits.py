@@ -1,4 +1,5 @@
 """End to end: the small conv-BN net on scikit-learn's real digits, a few CPU seconds."""
+
 from __future__ import annotations
 
 import pytest

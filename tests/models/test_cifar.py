@@ -36,3 +36,14 @@ def test_cifar_architectures():
     assert sum(t.kind == NORM_WEIGHT for t in tag_parameters(with_bn).values()) == 16
     assert not any(t.kind == NORM_WEIGHT for t in tag_parameters(without).values())
     assert len([m for m in timm.create_model("vgg11_nobn").modules() if isinstance(m, torch.nn.Conv2d)]) == 8
+
+
+def test_the_small_net_without_batchnorm_has_biased_convs_and_converts():
+    from sgdph_tools.surgery.rewrite import convert, example_input_for
+
+    net = timm.create_model("small_cnn_nobn")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(c.bias is not None for c in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    converted, report = convert(net, wn=True, example_input=example_input_for(net, 32))
+    assert len(report.decoupled) == 4  # three convs and the classifier

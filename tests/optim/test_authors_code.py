@@ -2,6 +2,7 @@
 ``sgdph.py``) step for step, checked against a re-implementation of their update written from its
 logic: every 1-D tensor by ndim, a round robin of period M over them, the Hessian EMA on β, ε
 inside their approximate bias correction, the last 1-D tensor on a plain SGD step."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,10 @@ def authors_update_reference(model: nn.Module, batches, *, lr, momentum, weight_
                 p.copy_(p - lr * direction)
 
 
-SETTINGS = [dict(lr=0.05, momentum=0.9, weight_decay=5e-3, tau=1e-3, eps=1e-4),
-            dict(lr=0.1, momentum=0.8, weight_decay=5e-3, tau=3e-3, eps=1e-3)]
+SETTINGS = [
+    dict(lr=0.05, momentum=0.9, weight_decay=5e-3, tau=1e-3, eps=1e-4),
+    dict(lr=0.1, momentum=0.8, weight_decay=5e-3, tau=3e-3, eps=1e-3),
+]
 
 
 @pytest.mark.parametrize("usage", ["A", "loss_fn"])
@@ -54,8 +57,15 @@ def test_authors_code_matches_their_update_to_1e_12(hyper, usage):
     twin.load_state_dict(net.state_dict())
     batches = [batch_for(net, n=8, dtype=torch.float64, seed=s) for s in range(40)]
     authors_update_reference(twin, batches, **hyper)
-    opt = SGDPH(net.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], weight_decay=hyper["weight_decay"],
-                so_lr=hyper["tau"], eps=hyper["eps"], authors_code=True)
+    opt = SGDPH(
+        net.parameters(),
+        lr=hyper["lr"],
+        momentum=hyper["momentum"],
+        weight_decay=hyper["weight_decay"],
+        so_lr=hyper["tau"],
+        eps=hyper["eps"],
+        authors_code=True,
+    )
     for x, y in batches:
         if usage == "A":
             F.cross_entropy(net(x), y).backward(create_graph=opt.is_second_order)
@@ -84,10 +94,14 @@ def test_the_default_rule_differs_from_the_authors():
     assert (finals[0] - finals[1]).norm() / finals[1].norm() > 1e-2
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(estimator="hutchinson"), "estimator='rowsum'"), (dict(hessian_every=2), "hessian_every=1"),
-    (dict(momentum=0.0), "0 < momentum < 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(estimator="hutchinson"), "estimator='rowsum'"),
+        (dict(hessian_every=2), "hessian_every=1"),
+        (dict(momentum=0.0), "0 < momentum < 1"),
+    ],
+)
 def test_authors_code_rejects_what_their_code_does_not_have(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SGDPH(conv_bn_net().parameters(), authors_code=True, **kwargs)

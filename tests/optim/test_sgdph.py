@@ -1,4 +1,5 @@
 """The optimizer's contract (the algorithm block of its docstring), usage A and B, resume, edges."""
+
 from __future__ import annotations
 
 import copy
@@ -26,13 +27,20 @@ class Quadratic(nn.Module):
         self.b = nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64))
         self.W = nn.Parameter(torch.randn(2, 3, generator=g, dtype=torch.float64))
         self.c = nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64))
-        self.register_buffer("A", torch.tensor([[2.0, 0.5, -0.3], [0.5, 1.0, 0.2], [-0.3, 0.2, 3.0]], dtype=torch.float64))
+        self.register_buffer(
+            "A", torch.tensor([[2.0, 0.5, -0.3], [0.5, 1.0, 0.2], [-0.3, 0.2, 3.0]], dtype=torch.float64)
+        )
         self.register_buffer("B", torch.tensor([[-1.5, 0.4], [0.4, 0.5]], dtype=torch.float64))  # indefinite
 
     def forward(self):
         a, b = self.a, self.b
-        return (0.5 * a @ self.A @ a + 0.5 * b @ self.B @ b + b @ self.W @ a
-                + 0.5 * self.W.square().sum() + 0.5 * (self.c - 1).square().sum())
+        return (
+            0.5 * a @ self.A @ a
+            + 0.5 * b @ self.B @ b
+            + b @ self.W @ a
+            + 0.5 * self.W.square().sum()
+            + 0.5 * (self.c - 1).square().sum()
+        )
 
 
 def reference_run(model: Quadratic, steps: int, *, lr, momentum, weight_decay, so_lr, alpha, eps, every):
@@ -78,9 +86,16 @@ def quadratic_optimizer(model, every, foreach=False, **kw):
         {"params": [model.W, model.c], "second_order": False},
     ]
     return SGDPH(
-        groups, lr=HYPER["lr"], momentum=HYPER["momentum"], weight_decay=HYPER["weight_decay"],
-        so_lr=HYPER["so_lr"], hessian_momentum=HYPER["alpha"], eps=HYPER["eps"], hessian_every=every,
-        foreach=foreach, **kw,
+        groups,
+        lr=HYPER["lr"],
+        momentum=HYPER["momentum"],
+        weight_decay=HYPER["weight_decay"],
+        so_lr=HYPER["so_lr"],
+        hessian_momentum=HYPER["alpha"],
+        eps=HYPER["eps"],
+        hessian_every=every,
+        foreach=foreach,
+        **kw,
     )
 
 
@@ -128,8 +143,13 @@ def test_first_order_params_follow_torch_sgd_exactly(foreach, momentum):
     torch.manual_seed(0)
     net = conv_bn_net()
     twin = copy.deepcopy(net)
-    opt = SGDPH([{"params": net.parameters(), "second_order": False}], lr=0.1, momentum=momentum,
-                weight_decay=1e-3, foreach=foreach)
+    opt = SGDPH(
+        [{"params": net.parameters(), "second_order": False}],
+        lr=0.1,
+        momentum=momentum,
+        weight_decay=1e-3,
+        foreach=foreach,
+    )
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3, foreach=foreach)
     for step in range(5):
         x, y = batch_for(net, seed=step)
@@ -144,8 +164,10 @@ def test_foreach_path_matches_single_tensor_path():
     torch.manual_seed(0)
     nets = [conv_bn_net(), None]
     nets[1] = copy.deepcopy(nets[0])
-    opts = [SGDPH(sgdph_param_groups(n), lr=0.05, weight_decay=1e-3, estimator="hutchinson", foreach=f)
-            for n, f in zip(nets, (False, True))]
+    opts = [
+        SGDPH(sgdph_param_groups(n), lr=0.05, weight_decay=1e-3, estimator="hutchinson", foreach=f)
+        for n, f in zip(nets, (False, True))
+    ]
     for step in range(6):
         x, y = batch_for(nets[0], seed=step)
         for net, opt in zip(nets, opts):
@@ -211,9 +233,14 @@ def test_finite_difference_without_a_closure_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"lr": -1}, "invalid lr"), ({"hessian_momentum": 1.0}, "hessian_momentum"), ({"eps": 0}, "eps"),
-     ({"hessian_every": 0}, "hessian_every"), ({"estimator": "diag"}, "unknown estimator"),
-     ({"engine": "fd"}, "unknown engine")],
+    [
+        ({"lr": -1}, "invalid lr"),
+        ({"hessian_momentum": 1.0}, "hessian_momentum"),
+        ({"eps": 0}, "eps"),
+        ({"hessian_every": 0}, "hessian_every"),
+        ({"estimator": "diag"}, "unknown estimator"),
+        ({"engine": "fd"}, "unknown engine"),
+    ],
 )
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -329,9 +356,11 @@ def train(net, opt, steps, start, usage):
 
 @pytest.mark.parametrize(
     "usage,options",
-    [("A", dict(estimator="rowsum")),
-     ("B", dict(estimator="hutchinson", hessian_every=2)),
-     ("B", dict(estimator="rowsum", engine="finite_difference"))],
+    [
+        ("A", dict(estimator="rowsum")),
+        ("B", dict(estimator="hutchinson", hessian_every=2)),
+        ("B", dict(estimator="rowsum", engine="finite_difference")),
+    ],
 )
 def test_resume_from_state_dict_matches_an_uninterrupted_run_bit_for_bit(usage, options):
     def fresh():

@@ -1,5 +1,6 @@
 """Two real processes (gloo on CPU) with DDP: in every usage that DDP allows, the replicas end
 identical, Hessian state included; torch.distributed.checkpoint saves and restores the optimizer."""
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         for form, (usage, options, give_model) in FORMS.items():
             net, ddp, opt = build(rank, options, give_model)
             losses = train(rank, net, ddp, opt, usage, 0, STEPS)
-            results[form] = {"params": [p.detach() for p in net.parameters()], "state": opt.state_dict()["state"],
-                             "losses": losses}
+            results[form] = {
+                "params": [p.detach() for p in net.parameters()],
+                "state": opt.state_dict()["state"],
+                "losses": losses,
+            }
         # The autograd engine through DDP's reducer (no model given): a clear error, not DDP's.
         net, ddp, opt = build(rank, {}, False)
         try:
@@ -71,8 +75,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         net, ddp, opt = build(rank, options, False)
         torch.manual_seed(7)
         train(rank, net, ddp, opt, "loss_fn", 0, 2)
-        dcp.save({"model": net.state_dict(), "optim": get_optimizer_state_dict(ddp, opt)},
-                 checkpoint_id=os.path.join(out_dir, "dcp"))
+        dcp.save(
+            {"model": net.state_dict(), "optim": get_optimizer_state_dict(ddp, opt)},
+            checkpoint_id=os.path.join(out_dir, "dcp"),
+        )
         rng = torch.get_rng_state()
         train(rank, net, ddp, opt, "loss_fn", 2, 2)
         net2, ddp2, opt2 = build(rank + 10, options, False)
@@ -82,7 +88,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         set_optimizer_state_dict(ddp2, opt2, template["optim"])
         torch.set_rng_state(rng)
         train(rank, net2, ddp2, opt2, "loss_fn", 2, 2)
-        results["dcp_equal"] = all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+        results["dcp_equal"] = all(
+            torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values())
+        )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

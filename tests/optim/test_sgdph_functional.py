@@ -1,6 +1,7 @@
 """The functional core ``sgdph()`` in torch's style: the foreach and for-loop implementations agree,
 on mixed dtypes (grouped by device and dtype), new and old momentum buffers, fresh and stale
 curvature, tensors with and without curvature yet, and both ε placements."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,9 +29,22 @@ def test_foreach_and_for_loop_agree_on_mixed_dtypes(eps_in_correction, momentum,
     results = []
     for foreach in (False, True):
         params, grads, bufs, emas, hessians, corrections = case(0)
-        sgdph(params, grads, bufs, emas, hessians, corrections, foreach=foreach, lr=0.1, momentum=momentum,
-              weight_decay=weight_decay, so_lr=2e-3, hessian_momentum=0.8, eps=1e-3,
-              eps_in_correction=eps_in_correction)
+        sgdph(
+            params,
+            grads,
+            bufs,
+            emas,
+            hessians,
+            corrections,
+            foreach=foreach,
+            lr=0.1,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            so_lr=2e-3,
+            hessian_momentum=0.8,
+            eps=1e-3,
+            eps_in_correction=eps_in_correction,
+        )
         results.append((params, bufs, emas))
     (p0, b0, e0), (p1, b1, e1) = results
     for i in range(len(p0)):
@@ -49,8 +63,21 @@ def test_the_documented_rule_per_tensor():
     start = [p.double().clone() for p in params]
     bufs0 = [None if b is None else b.double().clone() for b in bufs]
     emas0 = [e.double().clone() for e in emas]
-    sgdph(params, grads, bufs, emas, hessians, corrections, foreach=False, lr=0.1, momentum=0.9,
-          weight_decay=0.01, so_lr=2e-3, hessian_momentum=0.8, eps=1e-3)
+    sgdph(
+        params,
+        grads,
+        bufs,
+        emas,
+        hessians,
+        corrections,
+        foreach=False,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.01,
+        so_lr=2e-3,
+        hessian_momentum=0.8,
+        eps=1e-3,
+    )
     for i in range(len(params)):
         g = grads[i].double()
         buf = g if bufs0[i] is None else 0.9 * bufs0[i] + g
@@ -65,5 +92,17 @@ def test_the_documented_rule_per_tensor():
 def test_lists_of_different_lengths_are_rejected():
     params, grads, bufs, emas, hessians, corrections = case(2)
     with pytest.raises(ValueError, match="one entry per parameter"):
-        sgdph(params, grads, bufs, emas, hessians, corrections[:-1], lr=0.1, momentum=0.9, weight_decay=0.0,
-              so_lr=1e-3, hessian_momentum=0.9, eps=1e-4)
+        sgdph(
+            params,
+            grads,
+            bufs,
+            emas,
+            hessians,
+            corrections[:-1],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0.0,
+            so_lr=1e-3,
+            hessian_momentum=0.9,
+            eps=1e-4,
+        )

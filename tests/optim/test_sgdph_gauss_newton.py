@@ -1,5 +1,6 @@
 """SGD-PH with the Gauss-Newton estimates: the closure or loss_fn returns (loss, logits); the
 estimates reach the Hessian EMA as the exact GGN quantities, unscaled under AMP."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,9 @@ def test_gauss_newton_engine_gives_the_exact_ggn_row_sums():
     opt = SGDPH(sgdph_param_groups(net), lr=0.0, engine="gauss_newton", hessian_momentum=0.9)
     opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
     # Step 1 refreshes the first tensor (round robin); BN in train mode saw the same batch twice.
-    torch.testing.assert_close(opt.state[params[0]]["hessian_ema"], 0.1 * G[:n, :n].sum(1).abs(),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        opt.state[params[0]]["hessian_ema"], 0.1 * G[:n, :n].sum(1).abs(), rtol=1e-10, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("usage", ["loss_fn", "closure"])
@@ -42,11 +44,13 @@ def test_gnb_refreshes_every_tensor_with_a_non_negative_estimate(usage):
         if usage == "loss_fn":
             opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
         else:
+
             def closure():
                 opt.zero_grad()
                 loss, logits = loss_and_logits(net, x, y)
                 loss.backward(create_graph=opt.is_second_order)
                 return loss, logits
+
             opt.step(closure)
     for p in opt.param_groups[0]["params"]:
         assert opt.state[p]["hessian_refreshes"] == 3 and (opt.state[p]["hessian_ema"] >= 0).all()
@@ -81,7 +85,9 @@ def test_the_estimates_from_logits_are_not_divided_by_the_loss_scale(options):
                 scaler.update()
         runs.append(opt)
     for p, q in zip(runs[0].param_groups[0]["params"], runs[1].param_groups[0]["params"]):
-        torch.testing.assert_close(runs[1].state[q]["hessian_ema"], runs[0].state[p]["hessian_ema"], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(
+            runs[1].state[q]["hessian_ema"], runs[0].state[p]["hessian_ema"], rtol=1e-4, atol=1e-8
+        )
 
 
 def test_without_logits_or_with_a_freed_graph_the_error_names_the_fix():

@@ -1,5 +1,6 @@
 """State that survives every checkpointing path: torch's state_dict, torch.distributed.checkpoint's
 get/set_optimizer_state_dict, optimizer-wide settings carried in the param groups, 0.1 checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,12 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from sgdph_tools import SGDPH, sgdph_param_groups
 from tests.conftest import batch_for, conv_bn_net
 
-OPTIONS = [dict(estimator="rowsum"), dict(estimator="hutchinson", hessian_every=2),
-           dict(engine="finite_difference"), dict(authors_code=True)]
+OPTIONS = [
+    dict(estimator="rowsum"),
+    dict(estimator="hutchinson", hessian_every=2),
+    dict(engine="finite_difference"),
+    dict(authors_code=True),
+]
 IDS = ["rowsum", "hutchinson-every2", "fd", "authors"]
 
 
@@ -62,14 +67,21 @@ def test_state_is_per_parameter_only_and_settings_travel_in_the_groups():
         assert opt.state[p]["step"].item() == 2.0
     for group in sd["param_groups"]:
         assert (group["estimator"], group["engine"], group["hessian_every"], group["authors_code"], group["seed"]) == (
-            "hutchinson", "autograd", 3, False, 7)
+            "hutchinson",
+            "autograd",
+            3,
+            False,
+            7,
+        )
 
 
 def test_the_checkpoints_settings_win_with_a_warning():
     net, opt = fresh(dict(estimator="hutchinson", hessian_every=3))
     train(net, opt, 0, 1)
     other = SGDPH(sgdph_param_groups(net), estimator="rowsum", engine="finite_difference")
-    with pytest.warns(UserWarning, match=r"estimator='hutchinson' \(was 'rowsum'\).*engine='autograd'.*hessian_every=3"):
+    with pytest.warns(
+        UserWarning, match=r"estimator='hutchinson' \(was 'rowsum'\).*engine='autograd'.*hessian_every=3"
+    ):
         other.load_state_dict(opt.state_dict())
     assert (other.estimator, other.engine, other.hessian_every) == ("hutchinson", "autograd", 3)
     train(net, other, 1, 2)  # and it continues with them
@@ -91,9 +103,13 @@ def test_a_checkpoint_of_version_0_1_loads():
     net, opt = fresh({})
     train(net, opt, 0, 3)
     sd = opt.state_dict()
-    old = {"state": {k: {n: v for n, v in s.items() if n != "step"} for k, s in sd["state"].items()},
-           "param_groups": [{k: v for k, v in g.items() if k not in ("estimator", "engine", "hessian_every",
-                                                                   "authors_code", "seed")} for g in sd["param_groups"]]}
+    old = {
+        "state": {k: {n: v for n, v in s.items() if n != "step"} for k, s in sd["state"].items()},
+        "param_groups": [
+            {k: v for k, v in g.items() if k not in ("estimator", "engine", "hessian_every", "authors_code", "seed")}
+            for g in sd["param_groups"]
+        ],
+    }
     old["state"]["sgdph"] = {"step": 3}
     net2, opt2 = fresh({})
     opt2.load_state_dict(old)

@@ -1,6 +1,7 @@
 """The torch.optim contract in every mode: a standard closure with each engine and estimator, the
 finite-difference engine's re-evaluation (real gradients kept, BatchNorm statistics and dropout
 replayed, a cheap backward), and transformers whose fused attention has no double backward."""
+
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,6 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from sgdph_tools import SGDPH, sgdph_param_groups

@@ -1,5 +1,6 @@
 """Every name registered with timm's factory trains in timm's own loop: ``train.py`` calls
 ``loss.backward(create_graph=second_order)`` (or ``NativeScaler`` with it) and ``optimizer.step()``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,9 @@ def test_every_registered_name_trains_in_timms_loop(name):
     opt = timm.optim.create_optimizer_v2(net, opt=name, lr=0.05, weight_decay=5e-3)
     assert isinstance(opt, SGDPH) and opt.is_second_order and timm.optim.get_optimizer_info(name).second_order
     timm_train_steps(net, opt, 4, clip_grad=10.0)
-    assert all(not torch.equal(net.state_dict()[k], v) for k, v in before.items() if "running" not in k and "num" not in k)
+    assert all(
+        not torch.equal(net.state_dict()[k], v) for k, v in before.items() if "running" not in k and "num" not in k
+    )
     emas = [opt.state[p]["hessian_ema"] for g in opt.param_groups if g["second_order"] for p in g["params"]]
     assert emas and sum(float(e.abs().sum()) > 0 for e in emas) >= 3  # real curvature reached the update
 
@@ -73,7 +76,9 @@ def test_timms_native_scaler_gives_the_unscaled_hessian(clip_grad):
         torch.manual_seed(0)
         net = conv_bn_net()
         opt = timm.optim.create_optimizer_v2(net, opt="sgdphhutchinson", lr=0.05)
-        with pytest.warns(FutureWarning) if scaler is not None else contextlib.nullcontext():  # torch's notice, see the docs
+        with (
+            pytest.warns(FutureWarning) if scaler is not None else contextlib.nullcontext()
+        ):  # torch's notice, see the docs
             timm_train_steps(net, opt, 3, loss_scaler=scaler, clip_grad=clip_grad)
         runs.append((net, opt))
     (net, opt), (net_s, opt_s) = runs

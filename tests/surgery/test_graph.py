@@ -1,4 +1,5 @@
 """The feeds-a-norm decision on small modules that reproduce the patterns of real models."""
+
 from __future__ import annotations
 
 import torch

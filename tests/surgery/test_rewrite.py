@@ -1,5 +1,6 @@
 """convert() over a zoo of real timm and torchvision architectures: verified outputs, a complete
 report, checkpoint and bake round trips."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,11 +10,18 @@ import torch.nn as nn
 from sgdph_tools import module_kinds
 from sgdph_tools.models.factory import ModelSpec, create_model
 from sgdph_tools.surgery.checkpoint import load_model, save_converted
+from sgdph_tools.surgery.export import export_plain
 from sgdph_tools.surgery.rewrite import (
-    DECOUPLED, EXCLUDED, KEPT, NORMALISED, NOT_CONVERTIBLE, WEIGHT_STANDARDISED, VerificationError, convert,
+    DECOUPLED,
+    EXCLUDED,
+    KEPT,
+    NORMALISED,
+    NOT_CONVERTIBLE,
+    WEIGHT_STANDARDISED,
+    VerificationError,
+    convert,
     example_input_for,
 )
-from sgdph_tools.surgery.export import export_plain
 from sgdph_tools.tagging import WN_GAMMA, tag_parameters
 
 ZOO = [

@@ -45,11 +45,25 @@ def test_the_output_scale_lives_in_gamma():
 
 
 def test_tags_gradients_and_pickling():
-    model = nn.Sequential(WNConv2d(nn.Conv2d(2, 3, 3)), nn.Flatten(), WNLinear(nn.Linear(3 * 4 * 4, 2)), nn.ReLU(),
-                          WNLinear(nn.Linear(2, 2)))
+    model = nn.Sequential(
+        WNConv2d(nn.Conv2d(2, 3, 3)),
+        nn.Flatten(),
+        WNLinear(nn.Linear(3 * 4 * 4, 2)),
+        nn.ReLU(),
+        WNLinear(nn.Linear(2, 2)),
+    )
     tags = {n: t.kind for n, t in tag_parameters(model).items()}
-    assert tags == {"0.direction": WEIGHT, "0.gamma": WN_GAMMA, "0.bias": BIAS, "2.direction": WEIGHT,
-                    "2.gamma": WN_GAMMA, "2.bias": BIAS, "4.direction": WEIGHT, "4.gamma": WN_GAMMA, "4.bias": BIAS}
+    assert tags == {
+        "0.direction": WEIGHT,
+        "0.gamma": WN_GAMMA,
+        "0.bias": BIAS,
+        "2.direction": WEIGHT,
+        "2.gamma": WN_GAMMA,
+        "2.bias": BIAS,
+        "4.direction": WEIGHT,
+        "4.gamma": WN_GAMMA,
+        "4.bias": BIAS,
+    }
     groups = {n: t.group for n, t in tag_parameters(model).items()}
     assert groups["4.bias"] == "first_order" and groups["2.bias"] == "second_order"  # the classifier's bias
     model(torch.randn(2, 2, 6, 6)).sum().backward()

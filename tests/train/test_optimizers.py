@@ -10,8 +10,15 @@ from sgdph_tools import SGDPH
 from sgdph_tools.recipe import OptimizerCfg, ScheduleCfg
 from sgdph_tools.train.optimizers import build_optimizer, build_scheduler, lr_factor
 
-SOURCES = {"sgdph": "SGDPH", "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adabelief": "AdaBelief",
-           "adahessian": "Adahessian", "apollo": "ApolloDQN"}
+SOURCES = {
+    "sgdph": "SGDPH",
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adabelief": "AdaBelief",
+    "adahessian": "Adahessian",
+    "apollo": "ApolloDQN",
+}
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
@@ -35,8 +42,18 @@ def test_sgd_is_plain_momentum_and_sgdph_gets_its_options():
     model = timm.create_model("small_cnn", num_classes=3, in_chans=1)
     sgd = build_optimizer(OptimizerCfg(name="sgd", lr=0.1, momentum=0.8), model)
     assert sgd.param_groups[0]["nesterov"] is False and sgd.param_groups[0]["momentum"] == 0.8
-    ph = build_optimizer(OptimizerCfg(name="sgdph", so_lr=2e-3, estimator="hutchinson", engine="finite_difference",
-                                      hessian_every=4, eps=1e-5, second_order_kinds=["norm_weight"]), model)
+    ph = build_optimizer(
+        OptimizerCfg(
+            name="sgdph",
+            so_lr=2e-3,
+            estimator="hutchinson",
+            engine="finite_difference",
+            hessian_every=4,
+            eps=1e-5,
+            second_order_kinds=["norm_weight"],
+        ),
+        model,
+    )
     assert (ph.estimator, ph.engine, ph.hessian_every) == ("hutchinson", "finite_difference", 4)
     assert ph.param_groups[0]["so_lr"] == 2e-3 and ph.param_groups[0]["eps"] == 1e-5
     assert all(n.endswith("1.weight") for n in ph.param_groups[0]["param_names"])

@@ -7,18 +7,35 @@ import yaml
 
 from sgdph_tools.errors import UserError
 from sgdph_tools.recipe import recipe_from_dict
-from sgdph_tools.train.report import load_run, mean_std, plot_comparison, summarize
+from sgdph_tools.train.report import best_per_contender, load_run, mean_std, plot_against_lr, plot_comparison, summarize
 
 
-def fake_run(tmp_path, name, seed, accs, optimizer="sgdph"):
-    """A run folder as sgdph train writes it (recipe.yaml + metrics.jsonl)."""
-    recipe = recipe_from_dict({"optimizer": {"name": optimizer}, "trainer": {"seed": seed, "name": name}})
+def fake_run(tmp_path, name, seed, accs, optimizer="sgdph", val_accs=None, lr=0.01, diverged=False, **optimizer_keys):
+    """A run folder as sgdph train writes it (recipe.yaml + metrics.jsonl [+ diverged.txt])."""
+    recipe = recipe_from_dict(
+        {"optimizer": {"name": optimizer, "lr": lr, **optimizer_keys}, "trainer": {"seed": seed, "name": name}}
+    )
     folder = tmp_path / name
     folder.mkdir()
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
-    rows = [{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "test_loss": 1.0, "test_acc1": a, "test_acc5": 99.0,
-             "train_acc1": a, "lr": 0.1, "seconds": 1.0} for i, a in enumerate(accs)]
+    rows = [
+        {
+            "epoch": i + 1,
+            "train_loss": 1.0 / (i + 1),
+            "test_loss": 1.0,
+            "test_acc1": a,
+            "test_acc5": 99.0,
+            "train_acc1": a,
+            "lr": 0.1,
+            "seconds": 1.0,
+        }
+        for i, a in enumerate(accs)
+    ]
+    for row, v in zip(rows, val_accs or []):
+        row["val_acc1"] = v
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if diverged:
+        (folder / "diverged.txt").write_text("the training loss became non-finite\n")
     return folder
 
 
@@ -26,7 +43,8 @@ def test_runs_that_differ_only_by_seed_are_averaged(tmp_path):
     runs = [load_run(fake_run(tmp_path, f"ph-s{s}", s, accs)) for s, accs in ((0, [50, 70, 68]), (1, [55, 72, 74]))]
     runs.append(load_run(fake_run(tmp_path, "sgd-s0", 0, [60, 65], optimizer="sgd")))
     per_run, per_experiment = summarize(runs)
-    assert [r["final_acc1"] for r in per_run] == [68, 74, 65] and per_run[0]["best_acc1"] == 70
+    assert [r["final_acc1"] for r in per_run] == [68, 74, 65]
+    assert per_run[0]["test_acc1_at_best_val"] is None  # no validation: nothing is selected, least of all on test
     assert len(per_experiment) == 2
     ph = next(e for e in per_experiment if "sgdph" in e["experiment"])
     assert ph["runs"] == 2 and ph["seeds"] == [0, 1]
@@ -43,3 +61,58 @@ def test_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="no finished epoch"):
         load_run(tmp_path)
+
+
+def test_the_selected_epoch_is_the_best_on_validation_never_on_test(tmp_path):
+    # test top-1 peaks at epoch 2 (80); validation peaks at epoch 3: epoch 3's test (60) is reported
+    runs = [
+        load_run(fake_run(tmp_path, f"ph-s{s}", s, [50, 80, 60, 55], val_accs=[40, 45, 70 + s, 50])) for s in (0, 1)
+    ]
+    per_run, per_experiment = summarize(runs)
+    assert [(r["best_val_epoch"], r["best_val_acc1"], r["test_acc1_at_best_val"]) for r in per_run] == [
+        (3, 70, 60),
+        (3, 71, 60),
+    ]
+    assert per_experiment[0]["test_acc1_at_best_val"] == "60.00 ± 0.00"
+    assert per_experiment[0]["final_acc1"] == "55.00 ± 0.00"
+
+
+def test_best_per_contender_chooses_on_validation_and_counts_divergence(tmp_path):
+    def grid(optimizer, lr, vals, tests, diverged_seed=None, **keys):
+        return [
+            load_run(
+                fake_run(
+                    tmp_path,
+                    f"{optimizer}{keys}-lr{lr}-s{s}",
+                    s,
+                    [t],
+                    optimizer,
+                    [v],
+                    lr=lr,
+                    diverged=s == diverged_seed,
+                    **keys,
+                )
+            )
+            for s, (v, t) in enumerate(zip(vals, tests))
+        ]
+
+    runs = (
+        grid("sgd", 0.1, [90, 92], [80, 82])  # best sgd on validation
+        + grid("sgd", 0.01, [85, 85], [95, 95])  # best on test: must not be chosen
+        + grid("sgdph", 0.1, [99, 99], [99, 99], diverged_seed=1)  # one seed diverged: scores 0 there
+        + grid("sgdph", 0.01, [91, 91], [90, 88])
+        + grid("sgdph", 0.01, [93, 93], [91, 91], authors_code=True)  # another update rule: its own contender
+    )
+    rows = best_per_contender(runs)
+    best = {r["optimizer"]: r for r in rows if r["best"]}
+    assert set(best) == {"sgd", "sgdph rowsum", "sgdph rowsum authors"}
+    assert best["sgd"]["config"]["optimizer.lr"] == 0.1 and best["sgd"]["test_mean"] == 81.0
+    assert best["sgdph rowsum"]["config"]["optimizer.lr"] == 0.01  # 91 beats the diverging (99 + 0) / 2
+    assert (best["sgdph rowsum"]["test_mean"], round(best["sgdph rowsum"]["test_std"], 3)) == (89.0, 1.414)
+    diverging = next(r for r in rows if r["optimizer"] == "sgdph rowsum" and r["config"]["optimizer.lr"] == 0.1)
+    assert diverging["diverged"] == 1 and diverging["val_mean"] == 49.5 and diverging["seeds"] == [0, 1]
+    assert set(rows[0]["config"]) == {"optimizer.lr", "optimizer.name", "optimizer.authors_code"}
+    plot_against_lr(rows, tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="no validation set"):
+        best_per_contender([load_run(fake_run(tmp_path, "noval", 0, [50]))])

@@ -1,7 +1,7 @@
 """The trainer end to end, on real data (scikit-learn's digits) and real models, on the CPU."""
+
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,20 +13,35 @@ from sgdph_tools.recipe import load_recipe, recipe_from_dict
 from sgdph_tools.surgery.checkpoint import load_model
 from sgdph_tools.train import Trainer
 from sgdph_tools.train.loop import NonFiniteLoss
+from sgdph_tools.train.metrics import read_metrics
 from sgdph_tools.train.state import load_training_state
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {"epoch", "train_loss", "test_loss", "test_acc1", "test_acc5", "lr", "seconds"}
+METRIC_KEYS = {
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_acc1",
+    "val_acc5",
+    "test_loss",
+    "test_acc1",
+    "test_acc5",
+    "lr",
+    "seconds",
+}
 
 
 def small_recipe(tmp_path, *overrides, name="run"):
-    return recipe_from_dict({
-        "model": {"name": "small_cnn", "kwargs": {"drop_rate": 0.2}},
-        "data": {"name": "digits"},
-        "optimizer": {"name": "sgdph", "lr": 0.01, "weight_decay": 5e-3},
-        "schedule": {"name": "cosine"},
-        "trainer": {"epochs": 3, "batch_size": 64, "output_dir": str(tmp_path), "name": name, "progress": False},
-    }, list(overrides))
+    return recipe_from_dict(
+        {
+            "model": {"name": "small_cnn", "kwargs": {"drop_rate": 0.2}},
+            "data": {"name": "digits"},
+            "optimizer": {"name": "sgdph", "lr": 0.01, "weight_decay": 5e-3},
+            "schedule": {"name": "cosine"},
+            "trainer": {"epochs": 3, "batch_size": 64, "output_dir": str(tmp_path), "name": name, "progress": False},
+        },
+        list(overrides),
+    )
 
 
 @pytest.mark.slow
@@ -37,19 +52,24 @@ def test_quickstart_recipe_reaches_95_percent(tmp_path):
     assert {p.name for p in run.iterdir()} >= {"recipe.yaml", "metrics.jsonl", "curves.png", "last.pt", "best.pt"}
     assert len(rows) == recipe.trainer.epochs and METRIC_KEYS <= rows[-1].keys()
     assert rows[-1]["test_acc1"] > 95.0
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(1, recipe.trainer.epochs + 1))
-    # The checkpoint rebuilds the model (inspect/export read it), and best.pt holds the best epoch.
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, recipe.trainer.epochs + 1))
+    # The checkpoint rebuilds the model (inspect/export read it); best.pt holds the best epoch on
+    # validation (its weights give that epoch's validation accuracy again), never chosen on test.
     model, spec, _ = load_model(str(run / "best.pt"))
-    assert spec.name == "small_cnn" and load_training_state(run / "best.pt")["best_acc1"] == max(r["test_acc1"] for r in rows)
+    best = load_training_state(run / "best.pt")
+    chosen = max(rows, key=lambda r: r["val_acc1"])
+    assert spec.name == "small_cnn" and best["best_val_acc1"] == chosen["val_acc1"] and best["epoch"] == chosen["epoch"]
 
 
 class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("options", [[], ["optimizer.engine=finite_difference", "optimizer.estimator=hutchinson"]],
-                         ids=["autograd-rowsum", "fd-hutchinson"])
+@pytest.mark.parametrize(
+    "options",
+    [[], ["optimizer.engine=finite_difference", "optimizer.estimator=hutchinson"]],
+    ids=["autograd-rowsum", "fd-hutchinson"],
+)
 def test_resume_matches_an_uninterrupted_run(tmp_path, options):
     full = Trainer(small_recipe(tmp_path, *options, name="full")).run()
 
@@ -92,31 +112,41 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             trainer.model.fc.weight.fill_(float("inf"))
 
     trainer.on_epoch_end.append(explode)
-    with pytest.raises(NonFiniteLoss, match=r"non-finite in epoch 2.*last good checkpoint is .*last.pt \(after epoch 1\)"):
+    with pytest.raises(
+        NonFiniteLoss, match=r"non-finite in epoch 2.*last good checkpoint is .*last.pt \(after epoch 1\)"
+    ):
         trainer.run()
     state = load_training_state(tmp_path / "run" / "last.pt")
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert state["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
+    )
 
 
-@pytest.mark.parametrize("options", [
-    ["trainer.precision=bf16"],
-    ["trainer.precision=fp16", "trainer.grad_clip=1.0"],
-    ["optimizer.name=adahessian", "optimizer.lr=0.1", "trainer.grad_clip=5.0"],
-    ["optimizer.name=apollo", "optimizer.lr=0.5"],
-    ["optimizer.engine=finite_difference", "trainer.compile=true", "trainer.channels_last=true"],
-], ids=["bf16", "fp16-clip", "adahessian", "apollo", "fd-compile"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["trainer.precision=bf16"],
+        ["trainer.precision=fp16", "trainer.grad_clip=1.0"],
+        ["optimizer.name=adahessian", "optimizer.lr=0.1", "trainer.grad_clip=5.0"],
+        ["optimizer.name=apollo", "optimizer.lr=0.5"],
+        ["optimizer.engine=finite_difference", "trainer.compile=true", "trainer.channels_last=true"],
+    ],
+    ids=["bf16", "fp16-clip", "adahessian", "apollo", "fd-compile"],
+)
 def test_options_run(tmp_path, options):
     rows = Trainer(small_recipe(tmp_path, "trainer.epochs=1", *options)).run()
     assert rows[0]["test_acc1"] > 20.0  # well above chance (10%) after one epoch
 
 
 def test_a_converted_model_without_bn_trains_with_its_gammas_second_order(tmp_path):
-    recipe = recipe_from_dict({
-        "model": {"name": "vgg11_nobn", "conversion": {"wn": True}},
-        "data": {"name": "synthetic", "num_train": 64, "num_test": 32, "img_size": 32},
-        "optimizer": {"name": "sgdph", "lr": 0.01},
-        "trainer": {"epochs": 1, "batch_size": 32, "output_dir": str(tmp_path), "name": "wn", "progress": False},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "vgg11_nobn", "conversion": {"wn": True}},
+            "data": {"name": "synthetic", "num_train": 64, "num_test": 32, "img_size": 32},
+            "optimizer": {"name": "sgdph", "lr": 0.01},
+            "trainer": {"epochs": 1, "batch_size": 32, "output_dir": str(tmp_path), "name": "wn", "progress": False},
+        }
+    )
     trainer = Trainer(recipe)
     second = trainer.optimizer.param_groups[0]
     assert second["second_order"] and sum(n.endswith(".gamma") for n in second["param_names"]) == 9
@@ -130,17 +160,36 @@ def test_a_converted_model_without_bn_trains_with_its_gammas_second_order(tmp_pa
 def test_a_timm_transformer_trains_with_sgdph_out_of_the_box(tmp_path):
     """timm's ViT uses fused attention (no double backward); the optimizer's Hessian pass takes the
     math path, so the autograd engine trains it."""
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"trainer.output_dir={tmp_path}", "trainer.epochs=1", "data.name=synthetic", "data.img_size=16",
-        "data.num_train=64", "data.num_test=32", "data.num_workers=0", "model.name=vit_tiny_patch16_224",
-        "model.kwargs.img_size=16", "model.kwargs.patch_size=4", "model.kwargs.depth=2", "trainer.batch_size=32",
-    ])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"trainer.output_dir={tmp_path}",
+            "trainer.epochs=1",
+            "data.name=synthetic",
+            "data.img_size=16",
+            "data.num_train=64",
+            "data.num_test=32",
+            "data.num_workers=0",
+            "model.name=vit_tiny_patch16_224",
+            "model.kwargs.img_size=16",
+            "model.kwargs.patch_size=4",
+            "model.kwargs.depth=2",
+            "trainer.batch_size=32",
+        ],
+    )
     rows = Trainer(recipe).run()
     assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"])
 
 
-@pytest.mark.parametrize("options", [["optimizer.estimator=gnb"], ["optimizer.engine=gauss_newton"]],
-                         ids=["gnb", "gauss_newton"])
+@pytest.mark.parametrize(
+    "options", [["optimizer.estimator=gnb"], ["optimizer.engine=gauss_newton"]], ids=["gnb", "gauss_newton"]
+)
 def test_the_gauss_newton_estimates_train_in_the_trainer(tmp_path, options):
     rows = Trainer(small_recipe(tmp_path, "trainer.epochs=1", *options)).run()
     assert len(rows) == 1 and rows[0]["test_acc1"] > 30.0  # learned something on digits in one epoch
+
+
+def test_without_a_validation_set_no_epoch_is_selected(tmp_path):
+    rows = Trainer(small_recipe(tmp_path, "data.val_fraction=0", "trainer.epochs=1", name="noval")).run()
+    assert "val_acc1" not in rows[0] and "test_acc1" in rows[0]
+    assert (tmp_path / "noval" / "last.pt").is_file() and not (tmp_path / "noval" / "best.pt").exists()
