@@ -195,5 +195,6 @@ def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list
         for key in ("step_ms", "peak_mb", "time_ratio", "memory_ratio"):
             values = [m[key] for m in measured if m[key] is not None]
             record[key] = statistics.median(values) if values else None
+        record["time_ratio_rounds"] = [m["time_ratio"] for m in measured]  # the spread: how far to trust the median
         records.append(record)
     return records

@@ -88,12 +88,13 @@ def bench_command(
         title=f"step time and peak memory, ratios to SGDM in this run (medians of {rounds} round(s))",
         title_justify="left",
     )
-    for column in ("optimizer", "step ms", "time / SGDM", "peak MB", "memory / SGDM"):
+    for column in ("optimizer", "step ms", "time / SGDM", "per round", "peak MB", "memory / SGDM"):
         table.add_column(column)
     for r in records:
         label = Mode(r["optimizer"], r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"]).label
         memory = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
-        table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_mb']:.0f}", memory)
+        spread = " ".join(f"{x:.2f}" for x in r["time_ratio_rounds"])
+        table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", spread, f"{r['peak_mb']:.0f}", memory)
     console.print(table)
     if json_out is not None:
         write_json(json_out, "bench", records, settings=asdict(settings), rounds=rounds, torch=torch.__version__)

@@ -11,6 +11,13 @@ from ..records import append_jsonl, read_jsonl, rewrite_jsonl
 DIVERGED = "diverged.txt"
 
 
+def validation_rank(row: dict) -> tuple[float, float]:
+    """How good an epoch is on validation, larger is better: top-1, then the lower loss -- a small
+    validation set saturates (digits' reaches 100% within a few epochs), and the loss still tells
+    those epochs apart. ``best.pt`` and every selection use it."""
+    return row["val_acc1"], -row["val_loss"]
+
+
 def append_metrics(path: Path, row: dict) -> None:
     append_jsonl(path, "metrics", row)
 

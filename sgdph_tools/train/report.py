@@ -20,13 +20,15 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from .metrics import DIVERGED, read_metrics
+from .metrics import DIVERGED, read_metrics, validation_rank
 
 # What may differ between runs that count as repeats of one experiment.
 _SEED_ONLY = {"seed", "name", "output_dir", "progress", "log_every"}
 
 #: ``--by`` choices: the metrics key, and whether larger is better.
 SELECTION = {"val_top1": ("val_acc1", True), "val_loss": ("val_loss", False)}
+#: How ``--by`` ranks a run's epochs, larger is better (top-1 ties go to the lower loss, as best.pt).
+_EPOCH_RANK = {"val_top1": validation_rank, "val_loss": lambda row: -row["val_loss"]}
 
 
 @dataclass
@@ -41,12 +43,10 @@ class Run:
         return self.rows[-1] if self.rows else None
 
     def selected(self, by: str = "val_top1") -> dict | None:
-        """The epoch with the best validation score (the first of ties), or None without validation."""
-        key, larger = SELECTION[by]
-        scored = [r for r in self.rows if key in r]
-        if not scored:
-            return None
-        return max(scored, key=lambda r: r[key]) if larger else min(scored, key=lambda r: r[key])
+        """The epoch with the best validation score (what best.pt holds for val_top1), or None
+        without validation."""
+        scored = [r for r in self.rows if "val_acc1" in r]
+        return max(scored, key=_EPOCH_RANK[by]) if scored else None
 
     @property
     def seed(self) -> int:

@@ -46,6 +46,7 @@ def save_training_state(
     scaler,
     epoch: int,
     best_val_acc1: float,
+    best_val_loss: float,
     device: torch.device,
 ) -> Path:
     return atomic_save(
@@ -63,6 +64,7 @@ def save_training_state(
             "rng": rng_state(device),
             "epoch": epoch,  # completed epochs
             "best_val_acc1": best_val_acc1,  # -inf without a validation set
+            "best_val_loss": best_val_loss,  # its validation loss (the tie-break); inf without one
         },
         path,
     )
@@ -78,5 +80,5 @@ def load_training_state(path: Path) -> dict[str, Any]:
             f"{payload.get('sgdph_tools_version', '?')}); this sgdph-tools reads up to version {VERSION}: upgrade it"
         )
     if "best_val_acc1" not in payload:  # version 1 selected on test: there is no validation best to continue
-        payload["best_val_acc1"] = float("-inf")
+        payload["best_val_acc1"], payload["best_val_loss"] = float("-inf"), float("inf")
     return payload

@@ -27,7 +27,7 @@ from ..optim import SGDPH
 from ..recipe import Recipe
 from ..surgery.rewrite import convert, example_input_for
 from .loop import NonFiniteLoss, StepSettings, evaluate, train_one_epoch
-from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, truncate_metrics
+from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, truncate_metrics, validation_rank
 from .optimizers import build_optimizer, build_scheduler
 from .state import load_training_state, save_training_state, set_rng_state
 
@@ -129,7 +129,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last)
-        self.start_epoch, self.best_val_acc1 = 0, float("-inf")
+        self.start_epoch, self.best_val = 0, (float("-inf"), float("-inf"))  # validation_rank of best.pt
         if resume:
             self._resume()
         elif (self.run_dir / "last.pt").exists():
@@ -169,7 +169,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
-        self.start_epoch, self.best_val_acc1 = state["epoch"], state["best_val_acc1"]
+        self.start_epoch, self.best_val = state["epoch"], (state["best_val_acc1"], -state["best_val_loss"])
         if self.rank == 0:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start_epoch)
         _log(f"resumed {self.run_dir} after epoch {self.start_epoch}")
@@ -256,9 +256,9 @@ class Trainer:
         plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png", self.run_dir.name)
         # best.pt is chosen on validation only; without a validation set there is none (the test set
         # is reported, never selected on).
-        is_best = "val_acc1" in row and row["val_acc1"] > self.best_val_acc1
+        is_best = "val_acc1" in row and validation_rank(row) > self.best_val
         if is_best:
-            self.best_val_acc1 = row["val_acc1"]
+            self.best_val = validation_rank(row)
         state = dict(
             recipe=self.recipe.as_dict(),
             model_spec=self.spec.as_dict(),
@@ -268,7 +268,8 @@ class Trainer:
             scheduler=self.scheduler,
             scaler=self.scaler,
             epoch=epoch + 1,
-            best_val_acc1=self.best_val_acc1,
+            best_val_acc1=self.best_val[0],
+            best_val_loss=-self.best_val[1],
             device=self.device,
         )
         save_training_state(self.run_dir / "last.pt", **state)

@@ -10,7 +10,18 @@ from sgdph_tools.recipe import recipe_from_dict
 from sgdph_tools.train.report import best_per_contender, load_run, mean_std, plot_against_lr, plot_comparison, summarize
 
 
-def fake_run(tmp_path, name, seed, accs, optimizer="sgdph", val_accs=None, lr=0.01, diverged=False, **optimizer_keys):
+def fake_run(
+    tmp_path,
+    name,
+    seed,
+    accs,
+    optimizer="sgdph",
+    val_accs=None,
+    lr=0.01,
+    diverged=False,
+    val_losses=None,
+    **optimizer_keys,
+):
     """A run folder as sgdph train writes it (recipe.yaml + metrics.jsonl [+ diverged.txt])."""
     recipe = recipe_from_dict(
         {"optimizer": {"name": optimizer, "lr": lr, **optimizer_keys}, "trainer": {"seed": seed, "name": name}}
@@ -31,8 +42,9 @@ def fake_run(tmp_path, name, seed, accs, optimizer="sgdph", val_accs=None, lr=0.
         }
         for i, a in enumerate(accs)
     ]
-    for row, v in zip(rows, val_accs or []):
+    for i, (row, v) in enumerate(zip(rows, val_accs or [])):
         row["val_acc1"] = v
+        row["val_loss"] = val_losses[i] if val_losses else 2.0 - v / 100 - 0.01 * i  # later: a little lower
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if diverged:
         (folder / "diverged.txt").write_text("the training loss became non-finite\n")
@@ -116,3 +128,11 @@ def test_best_per_contender_chooses_on_validation_and_counts_divergence(tmp_path
     assert (tmp_path / "lr.png").stat().st_size > 1000
     with pytest.raises(UserError, match="no validation set"):
         best_per_contender([load_run(fake_run(tmp_path, "noval", 0, [50]))])
+
+
+def test_validation_ties_go_to_the_lower_validation_loss(tmp_path):
+    run = load_run(
+        fake_run(tmp_path, "tie", 0, [90, 91, 95, 92], val_accs=[80, 100, 100, 99], val_losses=[0.9, 0.5, 0.4, 0.3])
+    )
+    assert run.selected()["epoch"] == 3  # epochs 2 and 3 reach 100%; epoch 3 has the lower loss
+    assert run.selected("val_loss")["epoch"] == 4  # the lowest loss alone
