@@ -11,7 +11,7 @@ from sgdph_tools.records import read_json
 from sgdph_tools.train import Trainer
 from sgdph_tools.train.metrics import read_metrics
 from sgdph_tools.train.sweep import config_name, parse_axes, parse_seeds, plan, split_values, threads_per_job
-from tests.cli.helpers import sgdph
+from tests.cli.helpers import invoke, sgdph
 
 
 def test_values_seeds_and_names():
@@ -71,21 +71,21 @@ def test_a_sweep_trains_its_grid_once_and_a_second_call_trains_nothing(tmp_path)
     second = sgdph(*args)
     assert second.returncode == 0 and "4 finished, 0 diverged, 0 to train" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in folder.glob("*/last.pt")} == stamps
-    report = sgdph("report", str(folder), "--json", "-")
-    assert report.returncode == 0, report.stderr
-    groups = yaml.safe_load(report.stdout)["records"]  # JSON is YAML
+    report = invoke("report", str(folder), "--json", "-")
+    assert report.exit_code == 0, report.output
+    groups = yaml.safe_load(report.output)["records"]  # JSON is YAML
     assert sorted(g["runs"] for g in groups) == [2, 2]
-    best = sgdph(
+    best = invoke(
         "report", str(folder), "--best", "--json", str(tmp_path / "best.json"), "--plot", str(tmp_path / "lr.png")
     )
-    assert best.returncode == 0, best.stderr
+    assert best.exit_code == 0, best.output
     rows = read_json(tmp_path / "best.json", "selection")["records"]
     assert len(rows) == 2 and sum(r["best"] for r in rows) == 1 and all(r["seeds"] == [0, 1] for r in rows)
     assert {r["config"]["optimizer.lr"] for r in rows} == {0.05, 0.02} and (tmp_path / "lr.png").is_file()
     other = tmp_path / "other.yaml"
     other.write_text(recipe.read_text().replace("epochs: 1", "epochs: 2"))
-    refused = sgdph("sweep", str(other), "--dir", str(folder))
-    assert refused.returncode == 2 and "holds a sweep of another base recipe" in refused.stderr
+    refused = invoke("sweep", str(other), "--dir", str(folder))
+    assert isinstance(refused.exception, UserError) and "holds a sweep of another base recipe" in str(refused.exception)
 
 
 class Interrupt(Exception):
