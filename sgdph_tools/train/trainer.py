@@ -91,9 +91,11 @@ class Trainer:
 
         # Model: built by name for the data's classes and channels, converted when asked.
         kwargs = {"num_classes": self.data.num_classes, **recipe.model.kwargs}
-        if self.data.in_chans != 3:
-            kwargs.setdefault("in_chans", self.data.in_chans)
         self.spec = ModelSpec.parse(recipe.model.name, **kwargs)
+        # timm models take the data's channels (a model's own default may differ: small_cnn's is 1);
+        # torchvision's constructors have no in_chans and are 3-channel.
+        if self.spec.source == "timm" or self.data.in_chans != 3:
+            self.spec = ModelSpec.parse(recipe.model.name, **{"in_chans": self.data.in_chans, **kwargs})
         model = create_model_for_size(self.spec, self.data.img_size)
         conv = recipe.model.conversion
         self.conversion = None

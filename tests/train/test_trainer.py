@@ -193,3 +193,20 @@ def test_without_a_validation_set_no_epoch_is_selected(tmp_path):
     rows = Trainer(small_recipe(tmp_path, "data.val_fraction=0", "trainer.epochs=1", name="noval")).run()
     assert "val_acc1" not in rows[0] and "test_acc1" in rows[0]
     assert (tmp_path / "noval" / "last.pt").is_file() and not (tmp_path / "noval" / "best.pt").exists()
+
+
+def test_the_model_gets_the_datas_channels_whatever_its_own_default(tmp_path):
+    # small_cnn's timm config says 1 channel (digits); shapes are RGB.
+    recipe = small_recipe(
+        tmp_path,
+        "data.name=shapes",
+        "data.num_train=100",
+        "data.num_test=50",
+        "data.img_size=16",
+        "trainer.batch_size=30",
+        "trainer.epochs=1",
+        name="rgb",
+    )
+    trainer = Trainer(recipe)
+    assert trainer.model.features[0][0].in_channels == 3 and trainer.spec.kwargs["in_chans"] == 3
+    assert trainer.run()[0]["test_acc1"] >= 0.0
