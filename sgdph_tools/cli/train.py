@@ -25,8 +25,15 @@ def train_command(
     nproc: int = typer.Option(1, "--nproc", help="Processes (one per GPU) to launch with torchrun (DDP)."),
 ) -> None:
     """Train a (possibly converted) timm model with SGD-PH or a baseline; write metrics, curves and checkpoints."""
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
     recipe_path = resolve_recipe(recipe)
     resolved = load_recipe(recipe_path, overrides or [])
+    if resolved.trainer.batch_size % nproc:  # before any process starts: one line, not one per process
+        raise UserError(
+            f"trainer.batch_size={resolved.trainer.batch_size} (the global batch) does not split evenly over "
+            f"--nproc {nproc} processes: choose a multiple of {nproc}"
+        )
     if dry_run:
         console.print(f"# {recipe_path} resolved with {len(overrides or [])} override(s); valid", style="dim")
         print(resolved.to_yaml(), end="")
@@ -40,8 +47,6 @@ def train_command(
 
 def _launch_torchrun(nproc: int, recipe: Path, overrides: list[str], resume: bool) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine."""
-    if nproc < 1:
-        raise UserError("--nproc must be at least 1")
     command = [
         sys.executable,
         "-m",

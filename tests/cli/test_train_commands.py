@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sgdph_tools.errors import UserError
 from tests.cli.helpers import invoke, sgdph
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,3 +50,14 @@ def test_bad_recipe_inputs_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"error: no such recipe file: {tmp_path / 'nope.yaml'}"
     r = sgdph("report", str(tmp_path))
     assert r.returncode == 2 and "is not a run folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nproc_is_checked_before_any_process_starts():
+    for bad in ("0", "-3"):
+        result = invoke("train", QUICK, "--nproc", bad, "--dry-run")
+        assert isinstance(result.exception, UserError) and f"--nproc must be at least 1, got {bad}" in str(
+            result.exception
+        )
+    result = sgdph("train", QUICK, "--nproc", "3")  # batch 32 over 3 processes: refused, one line, nothing launched
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "does not split evenly over --nproc 3 processes" in result.stderr and "launching" not in result.stdout
