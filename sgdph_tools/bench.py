@@ -25,15 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-ESTIMATOR_ENGINES = [
-    ("rowsum", "autograd"),
-    ("rowsum", "finite_difference"),
-    ("rowsum", "gauss_newton"),
-    ("hutchinson", "autograd"),
-    ("hutchinson", "finite_difference"),
-    ("hutchinson", "gauss_newton"),
-    ("gnb", None),
-]
+from .optim.sgdph import OPTIMIZER_ENGINES
+
+#: Every training mode: the HVP-based estimators on every engine, then GNB (which needs none).
+#: ``diagonal`` is left out (one product per element is a diagnostic).
+ESTIMATOR_ENGINES = [(est, eng) for est in ("rowsum", "hutchinson") for eng in OPTIMIZER_ENGINES] + [("gnb", None)]
 #: gnb from its own forward on this fraction of the batch (the optimizer's ``gnb_fraction``).
 GNB_FRACTIONS = (0.25,)
 

@@ -33,21 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .gauss_newton import GGNVectorProduct, gauss_newton_bartlett
-from .hessian import AutogradHVP, FiniteDifferenceHVP, ForwardReplay, estimate, math_attention
+from .hessian import ESTIMATORS, AutogradHVP, FiniteDifferenceHVP, ForwardReplay, estimate, math_attention
 from .optim import sgdph_param_groups
+from .optim.sgdph import OPTIMIZER_ENGINES
 
-COMBINATIONS = [
-    ("rowsum", "autograd"),
-    ("rowsum", "finite_difference"),
-    ("rowsum", "gauss_newton"),
-    ("hutchinson", "autograd"),
-    ("hutchinson", "finite_difference"),
-    ("hutchinson", "gauss_newton"),
-    ("diagonal", "autograd"),
-    ("diagonal", "finite_difference"),
-    ("diagonal", "gauss_newton"),
-    ("gnb", None),
-]
+COMBINATIONS = [(est, eng) for est in ESTIMATORS for eng in OPTIMIZER_ENGINES]  # then gnb, which needs no engine
 GNB_FRACTIONS = (1.0, 0.5, 0.25)
 STOCHASTIC = ("hutchinson", "gnb")
 
@@ -169,7 +159,7 @@ def exactness_report(
 
     generator = torch.Generator().manual_seed(seed)
     all_k = list(range(len(names)))
-    runs = [(est, eng, None) for est, eng in COMBINATIONS if est != "gnb"] + [("gnb", None, f) for f in GNB_FRACTIONS]
+    runs = [(est, eng, None) for est, eng in COMBINATIONS] + [("gnb", None, f) for f in GNB_FRACTIONS]
     for estimator, engine_name, fraction in runs:
         matrix = "G" if engine_name in ("gauss_newton", None) else "H"
         target_key = f"{matrix}·1" if estimator == "rowsum" else f"diag {matrix}"

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .hessian import module_buffers_restored
+from .hessian import gradients_only_for, module_buffers_restored, rng_preserved
 
 __all__ = ["gauss_newton_bartlett", "ggn_vector_product", "GGNVectorProduct", "SubBatchGNB"]
 
@@ -162,20 +162,19 @@ class SubBatchGNB:
         batch = _batch_size(args, kwargs)
         rows = min(batch, max(2, round(fraction * batch)))
         args, kwargs = _leading_rows((args, kwargs), batch, rows)
-        wanted = {id(p) for p in params}
-        switched = [p for p in self.module.parameters() if p.requires_grad and id(p) not in wanted]
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = [(i, torch.cuda.get_rng_state(i)) for i in _cuda_devices(params)]
-        self._running = True
+        autocast_ctx = (
+            torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
+            if autocast is not None
+            else contextlib.nullcontext()
+        )
+        self._running = True  # the forward below is ours: not recorded
         try:
-            for p in switched:
-                p.requires_grad_(False)
-            autocast_ctx = (
-                torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
-                if autocast is not None
-                else contextlib.nullcontext()
-            )
-            with module_buffers_restored(self.buffers), torch.enable_grad():
+            with (
+                gradients_only_for(self.module.parameters(), params),
+                rng_preserved({p.device for p in params}),
+                module_buffers_restored(self.buffers),
+                torch.enable_grad(),
+            ):
                 with autocast_ctx:
                     logits = self.module(*args, **kwargs)
                 if not isinstance(logits, Tensor) or logits.ndim != 2:
@@ -186,11 +185,6 @@ class SubBatchGNB:
                 return gauss_newton_bartlett(logits, params, generator)
         finally:
             self._running = False
-            for p in switched:
-                p.requires_grad_(True)
-            torch.set_rng_state(cpu_rng)
-            for i, state in cuda_rng:
-                torch.cuda.set_rng_state(state, i)
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -242,7 +236,3 @@ def _autocast_state(args: tuple, kwargs: dict) -> tuple[str, bool, torch.dtype] 
     if device not in ("cpu", "cuda"):
         return None
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
-def _cuda_devices(params: Sequence[Tensor]) -> list[int]:
-    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})

@@ -74,6 +74,47 @@ def module_buffers_restored(buffers: Sequence[Tensor] = ()):
                 tensor.copy_(value)
 
 
+def _cuda_indices(devices: Iterable[torch.device]) -> list[int]:
+    return sorted({d.index or 0 for d in devices if d.type == "cuda"})
+
+
+def _rng_state(cuda: Sequence[int]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in cuda]
+
+
+def _set_rng_state(state: tuple, cuda: Sequence[int]) -> None:
+    cpu, per_device = state
+    torch.set_rng_state(cpu)
+    for i, s in zip(cuda, per_device):
+        torch.cuda.set_rng_state(s, i)
+
+
+@contextlib.contextmanager
+def rng_preserved(devices: Iterable[torch.device] = ()):
+    """Whatever the block draws, the CPU RNG and the given CUDA devices' RNGs end where they began."""
+    cuda = _cuda_indices(devices)
+    before = _rng_state(cuda)
+    try:
+        yield
+    finally:
+        _set_rng_state(before, cuda)
+
+
+@contextlib.contextmanager
+def gradients_only_for(params: Iterable[Tensor], wanted: Iterable[Tensor]):
+    """Within the block, every tensor of ``params`` not in ``wanted`` has ``requires_grad`` off, so
+    a backward computes only what is wanted (no weight gradients of the layers in between)."""
+    keep = {id(t) for t in wanted}
+    switched = [p for p in params if p.requires_grad and id(p) not in keep]
+    try:
+        for p in switched:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in switched:
+            p.requires_grad_(True)
+
+
 class ForwardReplay:
     """Runs a loss function once for real, then again any number of times as the same function.
 
@@ -85,22 +126,11 @@ class ForwardReplay:
 
     def __init__(self, loss_fn: LossFn, devices: Iterable[torch.device] = (), buffers: Sequence[Tensor] = ()):
         self.loss_fn, self.buffers = loss_fn, list(buffers)
-        self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self.devices = list(devices)
         self._rng: tuple | None = None
 
-    def _rng_state(self) -> tuple:
-        cpu = torch.get_rng_state()
-        cuda = [torch.cuda.get_rng_state(i) for i in self.cuda_devices]
-        return cpu, cuda
-
-    def _set_rng_state(self, state: tuple) -> None:
-        cpu, cuda = state
-        torch.set_rng_state(cpu)
-        for i, s in zip(self.cuda_devices, cuda):
-            torch.cuda.set_rng_state(s, i)
-
     def first(self) -> Tensor:
-        self._rng = self._rng_state()
+        self._rng = _rng_state(_cuda_indices(self.devices))
         return _scalar_loss(self.loss_fn())
 
     @contextlib.contextmanager
@@ -112,13 +142,10 @@ class ForwardReplay:
         """
         if self._rng is None:
             raise RuntimeError(f"{type(self).__name__}: replay requested before first()")
-        after_first = self._rng_state()
-        try:
-            self._set_rng_state(self._rng)
+        with rng_preserved(self.devices):  # ... and afterwards where first() left it
+            _set_rng_state(self._rng, _cuda_indices(self.devices))
             with module_buffers_restored(self.buffers), torch.enable_grad():
                 yield
-        finally:
-            self._set_rng_state(after_first)
 
     def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """Replay the loss and return its gradients w.r.t. ``inputs`` (zeros where unused)."""
@@ -154,25 +181,20 @@ class ClosureReplay(ForwardReplay):
         self.params, self.cheap, self.sync = list(params), cheap, sync
 
     def first(self):
-        self._rng = self._rng_state()
+        self._rng = _rng_state(_cuda_indices(self.devices))
         with self.sync(), torch.enable_grad():
             return self.loss_fn()
 
     def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        wanted = {id(t) for t in inputs}
         saved = [p.grad for p in self.params]
-        switched = [p for p in self.params if self.cheap and p.requires_grad and id(p) not in wanted]
+        only_inputs = gradients_only_for(self.params, inputs) if self.cheap else contextlib.nullcontext()
         try:
             for p in self.params:
                 p.grad = None
-            for p in switched:
-                p.requires_grad_(False)
-            with self.replaying(), self.sync():
+            with only_inputs, self.replaying(), self.sync():
                 self.loss_fn()
             return tuple(t.grad.detach() if t.grad is not None else torch.zeros_like(t) for t in inputs)
         finally:
-            for p in switched:
-                p.requires_grad_(True)
             for p, g in zip(self.params, saved):
                 p.grad = g
 

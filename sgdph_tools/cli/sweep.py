@@ -31,14 +31,15 @@ def sweep_command(
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     base = resolve_recipe(recipe)
     folder = folder or Path("runs") / f"sweep-{base.stem}"
-    runs = plan(parse_axes(axes or []), parse_seeds(seeds))
+    seed_list = parse_seeds(seeds)
+    runs = plan(parse_axes(axes or []), seed_list)
     sweep = Sweep(folder, base, runs)
     todo = sweep.todo()
     done = sum(r.status == "done" for r in sweep.runs if r.name in sweep.requested)
     diverged = sum(r.status == "diverged" for r in sweep.runs if r.name in sweep.requested)
     console.print(
-        f"sweep {folder}: {len(runs)} runs ({len(runs) // len(parse_seeds(seeds))} configurations x "
-        f"{len(parse_seeds(seeds))} seeds); {done} finished, {diverged} diverged, {len(todo)} to train "
+        f"sweep {folder}: {len(runs)} runs ({len(runs) // len(seed_list)} configurations x "
+        f"{len(seed_list)} seeds); {done} finished, {diverged} diverged, {len(todo)} to train "
         f"with {min(jobs, max(1, len(todo)))} job(s) of {threads_per_job(jobs)} thread(s)"
     )
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -25,10 +25,12 @@ from .metrics import DIVERGED, read_metrics, validation_rank
 # What may differ between runs that count as repeats of one experiment.
 _SEED_ONLY = {"seed", "name", "output_dir", "progress", "log_every"}
 
-#: ``--by`` choices: the metrics key, and whether larger is better.
-SELECTION = {"val_top1": ("val_acc1", True), "val_loss": ("val_loss", False)}
-#: How ``--by`` ranks a run's epochs, larger is better (top-1 ties go to the lower loss, as best.pt).
-_EPOCH_RANK = {"val_top1": validation_rank, "val_loss": lambda row: -row["val_loss"]}
+#: ``--by`` choices: the metrics key, whether larger is better, and how a run's epochs rank (larger
+#: is better; top-1 ties go to the lower loss, as for best.pt).
+SELECTION = {
+    "val_top1": ("val_acc1", True, validation_rank),
+    "val_loss": ("val_loss", False, lambda row: -row["val_loss"]),
+}
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Run:
         """The epoch with the best validation score (what best.pt holds for val_top1), or None
         without validation."""
         scored = [r for r in self.rows if "val_acc1" in r]
-        return max(scored, key=_EPOCH_RANK[by]) if scored else None
+        return max(scored, key=SELECTION[by][2]) if scored else None
 
     @property
     def seed(self) -> int:
@@ -141,6 +143,7 @@ def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
     per_experiment = []
     for members in _group(runs):
         finished = [m for m in members if not m.diverged]
+        selected = [m.selected() for m in finished]
         per_experiment.append(
             {
                 "experiment": members[0].label,
@@ -149,9 +152,7 @@ def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
                 "diverged": len(members) - len(finished),
                 "final_acc1": mean_std([m.final["test_acc1"] for m in finished]) if finished else None,
                 "test_acc1_at_best_val": (
-                    mean_std([m.selected()["test_acc1"] for m in finished])
-                    if finished and all(m.selected() for m in finished)
-                    else None
+                    mean_std([s["test_acc1"] for s in selected]) if selected and all(selected) else None
                 ),
             }
         )
@@ -174,7 +175,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _scores(run: Run, by: str) -> tuple[float, float]:
     """(validation score, test top-1) of the run's selected epoch; a diverged run scores the worst."""
-    key, larger = SELECTION[by]
+    key, larger, _ = SELECTION[by]
     if run.diverged:
         return (0.0 if larger else math.inf), 0.0
     selected = run.selected(by)
@@ -191,7 +192,7 @@ def best_per_contender(runs: list[Run], by: str = "val_top1") -> list[dict]:
     with the best mean validation score."""
     if by not in SELECTION:
         raise UserError(f"--by must be one of {', '.join(SELECTION)}, got {by!r}")
-    _, larger = SELECTION[by]
+    larger = SELECTION[by][1]
     groups = _group(runs)
     flat = [_flatten(g[0].experiment_settings()) for g in groups]
     differing = sorted({k for f in flat for k in f if len({json.dumps(x.get(k)) for x in flat}) > 1})

@@ -89,9 +89,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _yaml_text(value: Any) -> str:
+    """``value`` as one line of YAML, as an override writes it (``0.0005``, ``[0.9, 0.99]``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def _slug(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "none"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", _yaml_text(value)).strip("_") or "none"
 
 
 def config_name(config: dict[str, Any]) -> str:
@@ -114,10 +118,7 @@ class PlannedRun:
     final: dict[str, Any] = field(default_factory=dict)  # the last metrics row, when done
 
     def overrides(self, folder: Path) -> list[str]:
-        swept = [
-            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in self.config.items()
-        ]
+        swept = [f"{k}={_yaml_text(v)}" for k, v in self.config.items()]
         return [
             *swept,
             f"trainer.seed={self.seed}",
@@ -164,8 +165,12 @@ class Sweep:
         for run in runs:  # the same name must mean the same configuration
             if run.name in known and known[run.name].config != run.config:
                 raise UserError(f"{folder}: the run {run.name} exists with another configuration")
-        for run in self.runs:  # every run's recipe is valid before anything trains
-            recipe_from_dict(base.as_dict(), run.overrides(self.folder))
+        # Every run's recipe is valid before anything trains; its epochs say when it is finished.
+        self._epochs = {
+            run.name: recipe_from_dict(base.as_dict(), run.overrides(self.folder)).trainer.epochs for run in self.runs
+        }
+        for run in self.runs:
+            self._refresh(run)
 
     def _load_manifest(self) -> dict[str, PlannedRun]:
         path = self.folder / MANIFEST
@@ -176,7 +181,7 @@ class Sweep:
     def save(self) -> None:
         write_json(self.folder / MANIFEST, "sweep", [asdict(r) for r in self.runs], base=BASE)
 
-    def refresh(self, run: PlannedRun) -> None:
+    def _refresh(self, run: PlannedRun) -> None:
         """A run's status from its folder: finished when its metrics reach the recipe's epochs. A
         diverged run stays diverged (it would diverge again); a failed one is tried again."""
         if run.status == "diverged":
@@ -185,16 +190,14 @@ class Sweep:
         if marker.is_file():
             run.status, run.message = "diverged", marker.read_text().strip()
             return
-        recipe = load_recipe(self.base, run.overrides(self.folder))
         rows = read_metrics(self.folder / run.name / "metrics.jsonl")
-        if rows and rows[-1]["epoch"] >= recipe.trainer.epochs and (self.folder / run.name / "last.pt").exists():
+        if rows and rows[-1]["epoch"] >= self._epochs[run.name] and (self.folder / run.name / "last.pt").exists():
             run.status, run.final = "done", rows[-1]
         else:
             run.status = "pending"
 
     def todo(self) -> list[PlannedRun]:
-        for run in self.runs:
-            self.refresh(run)
+        """The requested runs still to train (statuses as the folder showed them when opened)."""
         return [r for r in self.runs if r.name in self.requested and r.status == "pending"]
 
 

@@ -22,7 +22,7 @@ from .. import distributed
 from ..data.datasets import build_datasets, build_loaders
 from ..errors import UserError
 from ..io import atomic_write_text
-from ..models.factory import ModelSpec, create_model_for_size
+from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
 from ..optim import SGDPH
 from ..recipe import Recipe
 from ..surgery.rewrite import convert, example_input_for
@@ -90,12 +90,12 @@ class Trainer:
         )
 
         # Model: built by name for the data's classes and channels, converted when asked.
-        kwargs = {"num_classes": self.data.num_classes, **recipe.model.kwargs}
-        self.spec = ModelSpec.parse(recipe.model.name, **kwargs)
         # timm models take the data's channels (a model's own default may differ: small_cnn's is 1);
         # torchvision's constructors have no in_chans and are 3-channel.
-        if self.spec.source == "timm" or self.data.in_chans != 3:
-            self.spec = ModelSpec.parse(recipe.model.name, **{"in_chans": self.data.in_chans, **kwargs})
+        kwargs = {"num_classes": self.data.num_classes, **recipe.model.kwargs}
+        if not recipe.model.name.startswith(TORCHVISION_PREFIXES) or self.data.in_chans != 3:
+            kwargs = {"in_chans": self.data.in_chans, **kwargs}
+        self.spec = ModelSpec.parse(recipe.model.name, **kwargs)
         model = create_model_for_size(self.spec, self.data.img_size)
         conv = recipe.model.conversion
         self.conversion = None

@@ -18,26 +18,13 @@ FIELDS = {
     "memory_ratio",
 }
 
+# A tiny model and batch on one thread: the command end to end, not a measurement.
+TINY = ("bench", "--model", "small_cnn", "--batch", "8", "--img-size", "8", "--num-classes", "3", "--threads", "1")
+
 
 def test_bench_measures_every_mode_against_sgdm(tmp_path):
     out = tmp_path / "bench.json"
-    result = sgdph(
-        "bench",
-        "--model",
-        "small_cnn",
-        "--batch",
-        "8",
-        "--img-size",
-        "8",
-        "--num-classes",
-        "3",
-        "--steps",
-        "2",
-        "--threads",
-        "1",
-        "--json",
-        str(out),
-    )
+    result = sgdph(*TINY, "--steps", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     records = read_json(out, "bench")["records"]
     assert all(set(r) == FIELDS for r in records)
@@ -59,18 +46,8 @@ def test_bench_measures_every_mode_against_sgdm(tmp_path):
 def test_bench_only_measures_the_modes_asked_for_and_sgdm(tmp_path):
     out = tmp_path / "bench.json"
     result = sgdph(
-        "bench",
-        "--model",
-        "small_cnn",
-        "--batch",
-        "8",
-        "--img-size",
-        "8",
-        "--num-classes",
-        "3",
+        *TINY,
         "--steps",
-        "1",
-        "--threads",
         "1",
         "--only",
         "sgdph gnb*every 1",

@@ -5,27 +5,29 @@ from __future__ import annotations
 from sgdph_tools.records import read_json
 from tests.cli.helpers import sgdph
 
+# A small float64 report, written to the JSON file given after these arguments.
+FLOAT64_REPORT = (
+    "hessian",
+    "small_cnn",
+    "--batch",
+    "8",
+    "--img-size",
+    "8",
+    "--max-tensors",
+    "2",
+    "--max-channels",
+    "4",
+    "--draws",
+    "3",
+    "--dtype",
+    "float64",
+    "--json",
+)
+
 
 def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path):
     out = tmp_path / "hessian.json"
-    result = sgdph(
-        "hessian",
-        "small_cnn",
-        "--batch",
-        "8",
-        "--img-size",
-        "8",
-        "--max-tensors",
-        "2",
-        "--max-channels",
-        "4",
-        "--draws",
-        "3",
-        "--dtype",
-        "float64",
-        "--json",
-        str(out),
-    )
+    result = sgdph(*FLOAT64_REPORT, str(out))
     assert result.returncode == 0, result.stderr
     report = read_json(out, "hessian")
     assert [b["tensor"] for b in report["blocks"]] == ["features.0.1.weight", "features.0.1.bias"]
@@ -43,24 +45,7 @@ def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path
     assert "estimates against their exact target" in result.stdout
     # The same command again gives the same report: the model's initialisation is seeded too.
     again = tmp_path / "again.json"
-    sgdph(
-        "hessian",
-        "small_cnn",
-        "--batch",
-        "8",
-        "--img-size",
-        "8",
-        "--max-tensors",
-        "2",
-        "--max-channels",
-        "4",
-        "--draws",
-        "3",
-        "--dtype",
-        "float64",
-        "--json",
-        str(again),
-    )
+    sgdph(*FLOAT64_REPORT, str(again))
     assert read_json(again, "hessian") == report
 
 
