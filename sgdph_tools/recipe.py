@@ -51,7 +51,7 @@ class DataCfg:
     val_fraction: float = 0.1  # held out of the training data, stratified, fixed; 0: no validation set
     num_classes: int = 10  # synthetic only (the others know theirs)
     channels: int = 3  # synthetic only
-    num_train: int | None = None  # shapes (default 10000), synthetic (512): generated training images
+    num_train: int | None = None  # shapes (default 20000), synthetic (512): generated training images
     num_test: int | None = None  # shapes (default 2000), synthetic (128): generated test images
 
 
@@ -62,7 +62,7 @@ class OptimizerCfg:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgdph, sgd
     betas: list[float] | None = None  # adam, adamw, adabelief, adahessian (None: their default)
-    eps: float | None = None  # None: the optimizer's default (sgdph 1e-4, adam 1e-8, ...)
+    eps: float | None = None  # None: the optimizer's default (sgdph: per rule, 1e-4 for paper; adam 1e-8)
     # SGD-PH only:
     so_lr: float = 1e-3
     hessian_momentum: float = 0.9
@@ -71,6 +71,7 @@ class OptimizerCfg:
     hessian_every: int = 1
     gnb_fraction: float | None = None  # estimator=gnb: its own forward on this fraction of the batch
     authors_code: bool = False  # the authors' released update rule, step for step (docs/algorithm.md)
+    rule: Literal["paper", "damped", "normalized"] = "paper"  # how the curvature scales the step
     second_order_kinds: list[str] | None = None  # None: every channel-wise 1-D kind
     kwargs: dict[str, Any] = field(default_factory=dict)  # anything else the optimizer takes
 
@@ -280,10 +281,12 @@ def _check_semantics(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'schedule.milestones' must be increasing, got {s.milestones}")
     if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
         raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
-    if o.authors_code and (o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None):
+    if o.authors_code and (
+        o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None or o.rule != "paper"
+    ):
         raise UserError(
-            "optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, "
-            "hessian_every=1 and chooses its own parameters (drop optimizer.second_order_kinds)"
+            "optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, hessian_every=1, "
+            "rule=paper and chooses its own parameters (drop optimizer.second_order_kinds)"
         )
     if o.gnb_fraction is not None and (o.estimator != "gnb" or not 0 < o.gnb_fraction <= 1):
         raise UserError(

@@ -110,7 +110,7 @@ def _source(cfg: DataCfg) -> tuple[DataBundle, Dataset, Sequence[int]]:
         return bundle, train, train.tensors[1]
     if cfg.name == "shapes":
         size = cfg.img_size or 32
-        x_train, y_train, x_test, y_test = shapes_tensors(cfg.num_train or 10000, cfg.num_test or 2000, size)
+        x_train, y_train, x_test, y_test = shapes_tensors(cfg.num_train or 20000, cfg.num_test or 2000, size)
         train = TensorDataset(x_train, y_train)
         return DataBundle(train, TensorDataset(x_test, y_test), SHAPES_CLASSES, 3, size), train, y_train
     if cfg.name in ("cifar10", "cifar100"):

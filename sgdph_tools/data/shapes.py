@@ -65,7 +65,7 @@ def generate(
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(m, 1, 1, generator=g)
 
-    size, stroke = uniform(0.28, 0.55), uniform(0.06, 0.12)
+    size, stroke = uniform(0.35, 0.6), uniform(0.1, 0.16)
     cx, cy = uniform(-0.9, 0.9) * (1 - size), uniform(-0.9, 0.9) * (1 - size)
     angle = uniform(0, 2 * math.pi)
     axis = torch.linspace(-1, 1, img_size)
@@ -79,9 +79,11 @@ def generate(
         distance[mine] = _distance(kind, u[mine], v[mine], size[mine], stroke[mine])
     inside = torch.sigmoid(-distance * img_size / 1.5)  # anti-aliased edge
 
-    bg = torch.rand(m, 3, 1, 1, generator=g)
-    # The shape stays visible: each channel of its colour is 0.3-0.7 away from the background's (mod 1).
-    fg = (bg + 0.3 + 0.4 * torch.rand(m, 3, 1, 1, generator=g)) % 1.0
+    bg = 0.25 + 0.5 * torch.rand(m, 3, 1, 1, generator=g)
+    # The shape stays visible: brighter or darker than the background (one sign per image) by 0.25-0.45
+    # in every channel, so colour carries no class information but the edge is always there.
+    sign = torch.randint(0, 2, (m, 1, 1, 1), generator=g) * 2 - 1
+    fg = bg + sign * (0.25 + 0.2 * torch.rand(m, 3, 1, 1, generator=g))
     slope = torch.randn(m, 3, 2, generator=g) * 0.15
     gradient = slope[..., 0, None, None] * x + slope[..., 1, None, None] * y
     images = bg + gradient + (fg - bg) * inside.unsqueeze(1)
@@ -89,7 +91,7 @@ def generate(
     return ((images - 0.5) / 0.3).float(), labels
 
 
-def shapes_tensors(num_train: int = 10000, num_test: int = 2000, img_size: int = 32, noise: float = 0.15):
+def shapes_tensors(num_train: int = 20000, num_test: int = 2000, img_size: int = 32, noise: float = 0.15):
     """``(x_train, y_train, x_test, y_test)``: train and test from their own fixed seeds."""
     x_train, y_train = generate(num_train, img_size, TRAIN_SEED, noise)
     x_test, y_test = generate(num_test, img_size, TEST_SEED, noise)

@@ -27,19 +27,31 @@ def _conv_bn_relu(in_chs: int, out_chs: int, stride: int, norm: bool = True) -> 
 
 
 class SmallCNN(PooledClassifier):
-    """Three conv-BN-ReLU stages (width, 2·width, 4·width; the last two with stride 2), global
-    average pooling and a linear classifier; ``norm=False``: conv-ReLU stages (biased convs)."""
+    """``stages`` conv-BN-ReLU stages (width, 2·width, 4·width, ...; all but the first with stride 2,
+    the first with ``stem_stride``), global average pooling and a linear classifier; ``norm=False``:
+    conv-ReLU stages (biased convs). The default (3 stages, stem stride 1) sees 9x9 pixels per
+    output position -- enough for 8x8 digits; 32x32 images of whole shapes want ``stages=4,
+    stem_stride=2`` (31x31 pixels)."""
 
     def __init__(
-        self, num_classes: int = 10, in_chans: int = 3, width: int = 32, drop_rate: float = 0.0, norm: bool = True
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        width: int = 32,
+        drop_rate: float = 0.0,
+        norm: bool = True,
+        stages: int = 3,
+        stem_stride: int = 1,
     ):
         super().__init__()
+        if stages < 1 or stem_stride < 1:
+            raise ValueError(f"SmallCNN needs stages >= 1 and stem_stride >= 1 (got {stages}, {stem_stride})")
+        widths = [width * 2**i for i in range(stages)]
         self.features = nn.Sequential(
-            _conv_bn_relu(in_chans, width, 1, norm),
-            _conv_bn_relu(width, 2 * width, 2, norm),
-            _conv_bn_relu(2 * width, 4 * width, 2, norm),
+            _conv_bn_relu(in_chans, width, stem_stride, norm),
+            *(_conv_bn_relu(c_in, c_out, 2, norm) for c_in, c_out in zip(widths, widths[1:])),
         )
-        self._init_head(4 * width, num_classes, drop_rate)
+        self._init_head(widths[-1], num_classes, drop_rate)
 
 
 default_cfgs = generate_default_cfgs(

@@ -39,6 +39,12 @@ __all__ = ["SGDPH", "sgdph"]
 #: (:mod:`sgdph_tools.gauss_newton`). Both read the logits.
 OPTIMIZER_ESTIMATORS = (*ESTIMATORS, "gnb")
 OPTIMIZER_ENGINES = (*ENGINES, "gauss_newton")
+#: How the curvature EMA turns into a step (``rule=``; the class docstring gives the formulas).
+RULES = ("paper", "damped", "normalized")
+#: ε when none is given: the paper's for its rule; for ``normalized`` ε is relative to the tensor's mean
+#: curvature (1: r between 0 and 2); for ``damped`` it is an absolute curvature with no scale-free
+#: value -- 0.3 is where the weight-norm study (issue 11) saw SGD-PH train as well as SGDM.
+DEFAULT_EPS = {"paper": 1e-4, "damped": 0.3, "normalized": 1.0}
 
 #: Settings that hold for the whole optimizer (one engine per step; Hutchinson probes every tensor
 #: at once). They sit in every param group, so they travel with ``state_dict()``; all groups agree.
@@ -85,8 +91,21 @@ class SGDPH(Optimizer):
                 if (t - 1) mod k = 0 and the param is refreshed at this step:
                     h ← estimator's H-estimate at the current θ, before the update
                     D ← α·D + (1 - α)·|h|;   n ← n + 1                 (D = 0, n = 0 initially)
+                D̂ = D / (1 - αⁿ)                                       (bias-corrected)
                 if n = 0:  θ ← θ - γ·(buf + λθ)
-                else:      θ ← θ - γ·(τ·buf / (D / (1 - αⁿ) + ε) + λθ)
+                else:      θ ← θ - γ·(r ⊙ buf + λθ),   r by the rule:
+                    paper:       r = τ / (D̂ + ε)                       (Algorithm 1)
+                    damped:      r = 1 / (1 + D̂ / ε)                   (SGD's step, shrunk where D̂ ≳ ε)
+                    normalized:  r = (1 + ε) / (D̂ / mean(D̂) + ε)       (mean over the tensor)
+
+    The rules differ in how they fail. ``paper``'s step relative to SGD's, ``r``, depends on the
+    curvature's absolute scale: where D̂ grows (weight-norm gammas: ~1000x during training) it
+    shrinks towards 0 and the tensor stops learning; where D̂ ≈ 0 it is τ/ε (10x SGD's with the
+    defaults). ``damped`` never exceeds SGD's step (τ is not used; ε is the curvature at which the
+    step halves). ``normalized`` divides each tensor's curvature by its mean, so only the relative
+    curvature within a tensor shapes the step: r = 1 at the tensor's mean curvature, at most
+    (1 + ε)/ε where D̂ = 0 (2x SGD's at ε = 1), whatever the curvature's scale (τ is not used).
+    ``docs/evidence.md`` measures them against each other.
 
     Refresh schedule: ``rowsum`` (and ``diagonal``) refresh ONE second-order tensor per refreshing
     step, round robin in parameter order (the tensor with the fewest refreshes so far, first in
@@ -113,7 +132,10 @@ class SGDPH(Optimizer):
             second-order params (default 0).
         so_lr: second-order learning rate τ (default 1e-3).
         hessian_momentum: α of the Hessian EMA (default 0.9; ``authors_code`` uses β).
-        eps: ε added to the bias-corrected Hessian EMA (default 1e-4).
+        eps: ε of the rule; default per rule (``DEFAULT_EPS``): ``paper`` 1e-4 (the paper's),
+            ``damped`` 0.3, ``normalized`` 1.0 -- each rule reads ε in its own units (above).
+        rule: ``"paper"`` (default), ``"damped"`` or ``"normalized"``: how the curvature EMA
+            scales the step (above). Per group. ``authors_code`` needs ``"paper"``.
         estimator: ``"rowsum"`` (the paper's ``H_kk·1``), ``"hutchinson"`` (``z ⊙ Hz``, unbiased
             for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
             ``"gnb"`` (Gauss-Newton-Bartlett: ``B·ĝ⊙ĝ`` for labels sampled from the model,
@@ -180,12 +202,13 @@ class SGDPH(Optimizer):
         *,
         so_lr: float = 1e-3,
         hessian_momentum: float = 0.9,
-        eps: float = 1e-4,
+        eps: float | None = None,
         estimator: str = "rowsum",
         engine: str = "autograd",
         hessian_every: int = 1,
         gnb_fraction: float | None = None,
         authors_code: bool = False,
+        rule: str = "paper",
         seed: int = 0,
         foreach: bool | None = None,
         model: nn.Module | None = None,
@@ -195,12 +218,17 @@ class SGDPH(Optimizer):
                 raise ValueError(f"invalid {name}: {value} (must be >= 0)")
         if not 0.0 <= hessian_momentum < 1.0:
             raise ValueError(f"invalid hessian_momentum: {hessian_momentum} (must be in [0, 1))")
+        check_choice("rule", rule, RULES)
+        if eps is None:
+            eps = DEFAULT_EPS[rule]
         if not eps > 0.0:
             raise ValueError(f"invalid eps: {eps} (must be > 0)")
         if not (isinstance(hessian_every, int) and hessian_every >= 1):
             raise ValueError(f"invalid hessian_every: {hessian_every} (must be an integer >= 1)")
         check_choice("estimator", estimator, OPTIMIZER_ESTIMATORS)
         check_choice("engine", engine, OPTIMIZER_ENGINES)
+        if authors_code and rule != "paper":
+            raise ValueError(f"authors_code=True is the authors' rule: rule='paper' (got rule={rule!r})")
         if authors_code:
             if estimator != "rowsum" or hessian_every != 1:
                 raise ValueError("authors_code=True is the authors' rule: estimator='rowsum', hessian_every=1")
@@ -239,6 +267,7 @@ class SGDPH(Optimizer):
             hessian_every=hessian_every,
             gnb_fraction=gnb_fraction,
             authors_code=bool(authors_code),
+            rule=rule,
             seed=seed,
         )
         super().__init__(second_order_groups(params, authors_code=authors_code), defaults)
@@ -293,6 +322,11 @@ class SGDPH(Optimizer):
                     f"{key} is optimizer-wide: a param group cannot set {key}={param_group[key]!r} "
                     f"(the optimizer's is {self.defaults[key]!r})"
                 )
+        if "rule" in param_group:  # a group with its own rule gets that rule's ε unless it sets one
+            check_choice("rule", param_group["rule"], RULES)
+            if param_group["rule"] != "paper" and self.defaults["authors_code"]:
+                raise ValueError("authors_code=True is the authors' rule: a param group cannot set another rule")
+            param_group.setdefault("eps", DEFAULT_EPS[param_group["rule"]])
         groups = [param_group] if "second_order" in param_group else second_order_groups([param_group])
         for group in groups:
             super().add_param_group(group)
@@ -642,6 +676,7 @@ class SGDPH(Optimizer):
                 hessian_momentum=alpha,
                 eps=group["eps"],
                 eps_in_correction=group["authors_code"],
+                rule=group.get("rule", "paper"),
             )
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
@@ -667,6 +702,7 @@ def sgdph(
     hessian_momentum: float,
     eps: float,
     eps_in_correction: bool = False,
+    rule: str = "paper",
 ) -> None:
     r"""Functional form of SGD-PH's second-order update (first-order params use torch's ``sgd``).
 
@@ -676,9 +712,11 @@ def sgdph(
         if hessians[i] is given:   D ← α·D + (1 - α)·|h|
         c = bias_corrections[i]
         c is None (no curvature yet):  θ ← θ - γ·(buf + λθ)
-        otherwise:                     θ ← θ - γ·(τ·buf / denom + λθ)
-            denom = D / c + ε          (the default rule)
-                    (D + ε) / c        (eps_in_correction: the authors' code)
+        otherwise:                     θ ← θ - γ·(r ⊙ buf + λθ),  D̂ = D / c
+            r = τ / (D̂ + ε)                     rule "paper"
+                τ·c / (D + ε)                   rule "paper", eps_in_correction (the authors' code)
+                1 / (1 + D̂ / ε)                 rule "damped"
+                (1 + ε) / (D̂ / mean(D̂) + ε)     rule "normalized" (mean over the tensor)
 
     ``momentum_buffers`` entries that are None are created (the list is updated). With
     ``foreach`` the tensors are grouped by device and dtype and updated with ``torch._foreach_*``
@@ -696,6 +734,9 @@ def sgdph(
             "sgdph: params, grads, momentum_buffers, hessian_emas, hessians and bias_corrections "
             "must have one entry per parameter"
         )
+    check_choice("rule", rule, RULES)
+    if eps_in_correction and rule != "paper":
+        raise ValueError("eps_in_correction (the authors' code) goes with rule='paper'")
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     update = _multi_tensor_sgdph if foreach else _single_tensor_sgdph
@@ -713,7 +754,32 @@ def sgdph(
         hessian_momentum=hessian_momentum,
         eps=eps,
         eps_in_correction=eps_in_correction,
+        rule=rule,
     )
+
+
+def _step_denominators(
+    emas: list[Tensor], corrections: list[float], *, so_lr: float, eps: float, eps_in_correction: bool, rule: str
+) -> tuple[list[Tensor], float]:
+    """``(denominators, numerator)`` with the step relative to SGD's ``r = numerator / denominator``
+    per element, for tensors that have a curvature estimate (new tensors; ``emas`` are not
+    changed). One implementation for both update paths; callers compute ``buf / d * numerator``."""
+    if eps_in_correction:  # the authors' code: (D + ε) / c
+        denoms = torch._foreach_add(emas, eps)
+        torch._foreach_div_(denoms, corrections)
+        return denoms, so_lr
+    curvature = torch._foreach_div(emas, corrections)  # D̂
+    if rule == "paper":
+        torch._foreach_add_(curvature, eps)
+        return curvature, so_lr
+    if rule == "damped":
+        torch._foreach_div_(curvature, eps)
+        torch._foreach_add_(curvature, 1.0)
+        return curvature, 1.0
+    # normalized: a tensor whose curvature is all zero has mean 0 and 0/0 = nan there; it gets r = 1.
+    relative = [torch.nan_to_num_(d / d.mean(), nan=1.0) for d in curvature]
+    torch._foreach_add_(relative, eps)
+    return relative, 1.0 + eps
 
 
 def _single_tensor_sgdph(
@@ -731,6 +797,7 @@ def _single_tensor_sgdph(
     hessian_momentum,
     eps,
     eps_in_correction,
+    rule,
 ) -> None:
     for i, param in enumerate(params):
         grad = grads[i]
@@ -748,11 +815,10 @@ def _single_tensor_sgdph(
         if c is None:
             direction = buf.add(param, alpha=weight_decay) if weight_decay != 0 else buf
         else:
-            if eps_in_correction:
-                denom = hessian_emas[i].add(eps).div_(c)
-            else:
-                denom = hessian_emas[i].div(c).add_(eps)
-            direction = buf.div(denom).mul_(so_lr)
+            (denom,), numerator = _step_denominators(
+                [hessian_emas[i]], [c], so_lr=so_lr, eps=eps, eps_in_correction=eps_in_correction, rule=rule
+            )
+            direction = buf.div(denom).mul_(numerator)
             if weight_decay != 0:
                 direction.add_(param, alpha=weight_decay)
         param.add_(direction, alpha=-lr)
@@ -773,6 +839,7 @@ def _multi_tensor_sgdph(
     hessian_momentum,
     eps,
     eps_in_correction,
+    rule,
 ) -> None:
     if not params:
         return
@@ -806,15 +873,16 @@ def _multi_tensor_sgdph(
         raw = [i for i, c in enumerate(corrections) if c is None]
         directions: list[Tensor] = [steps[i] for i in range(len(dev_params))]
         if pre:
-            scales = [cast(float, corrections[i]) for i in pre]
-            if eps_in_correction:
-                denoms = torch._foreach_add([dev_emas[i] for i in pre], eps)
-                torch._foreach_div_(denoms, scales)
-            else:
-                denoms = torch._foreach_div([dev_emas[i] for i in pre], scales)
-                torch._foreach_add_(denoms, eps)
+            denoms, numerator = _step_denominators(
+                [dev_emas[i] for i in pre],
+                [cast(float, corrections[i]) for i in pre],
+                so_lr=so_lr,
+                eps=eps,
+                eps_in_correction=eps_in_correction,
+                rule=rule,
+            )
             pre_dirs = torch._foreach_div([steps[i] for i in pre], denoms)
-            torch._foreach_mul_(pre_dirs, so_lr)
+            torch._foreach_mul_(pre_dirs, numerator)
             if weight_decay != 0:
                 torch._foreach_add_(pre_dirs, [dev_params[i] for i in pre], alpha=weight_decay)
             for i, d in zip(pre, pre_dirs):

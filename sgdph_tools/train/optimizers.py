@@ -56,6 +56,7 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             hessian_every=cfg.hessian_every,
             gnb_fraction=cfg.gnb_fraction,
             authors_code=cfg.authors_code,
+            rule=cfg.rule,
             model=model,
             **extra,
         )

@@ -62,11 +62,16 @@ class Run:
 
     @property
     def contender(self) -> str:
-        """What competes in a selection: the optimizer; for SGD-PH each estimator and update rule."""
+        """What competes in a selection: the optimizer; for SGD-PH each estimator (with its engine
+        where that is not autograd's exact products) and each update rule (the authors' code is one)."""
         o = self.recipe["optimizer"]
         if o["name"] != "sgdph":
             return o["name"]
-        return "sgdph " + o["estimator"] + (" authors" if o.get("authors_code") else "")
+        estimator = o["estimator"]
+        if estimator != "gnb" and o.get("engine", "autograd") != "autograd":
+            estimator += "/" + o["engine"]
+        rule = "authors" if o.get("authors_code") else o.get("rule", "paper")
+        return f"sgdph {estimator} {rule}"
 
     def experiment_settings(self) -> dict[str, Any]:
         """The recipe without seed, name and output folder: equal settings are repeats."""

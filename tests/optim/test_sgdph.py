@@ -240,11 +240,28 @@ def test_finite_difference_without_a_closure_is_a_clear_error():
         ({"hessian_every": 0}, "hessian_every"),
         ({"estimator": "diag"}, "unknown estimator"),
         ({"engine": "fd"}, "unknown engine"),
+        ({"rule": "clip"}, "unknown rule"),
+        ({"rule": "damped", "authors_code": True}, "rule='paper'"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SGDPH(conv_bn_net().parameters(), **kwargs)
+
+
+def test_each_rule_has_its_own_default_eps_and_rules_are_per_group():
+    net = conv_bn_net()
+    assert [SGDPH(net.parameters(), rule=r).param_groups[0]["eps"] for r in ("paper", "damped", "normalized")] == [
+        1e-4,
+        0.3,
+        1.0,
+    ]
+    assert SGDPH(net.parameters(), rule="damped", eps=0.05).param_groups[0]["eps"] == 0.05
+    groups = [{"params": [net[1].weight], "rule": "normalized"}, {"params": [net[1].bias]}]
+    opt = SGDPH(groups, rule="damped")
+    assert [(g["rule"], g["eps"]) for g in opt.param_groups] == [("normalized", 1.0), ("damped", 0.3)]
+    with pytest.raises(ValueError, match="unknown rule"):
+        SGDPH([{"params": [net[1].weight], "rule": "newton"}])
 
 
 def test_closure_keeps_torch_meaning():

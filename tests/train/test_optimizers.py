@@ -90,3 +90,15 @@ def test_authors_code_rejects_settings_it_does_not_take():
 
     with pytest.raises(UserError, match="authors' rule"):
         recipe_from_dict({"optimizer": {"authors_code": True, "estimator": "hutchinson"}})
+    with pytest.raises(UserError, match="rule=paper"):
+        recipe_from_dict({"optimizer": {"authors_code": True, "rule": "normalized"}})
+
+
+@pytest.mark.parametrize("rule,eps,expected_eps", [("damped", None, 0.3), ("normalized", 0.5, 0.5)])
+def test_a_recipe_rule_reaches_every_second_order_group(rule, eps, expected_eps):
+    from sgdph_tools.recipe import recipe_from_dict
+
+    model = timm.create_model("small_cnn", num_classes=3, in_chans=1)
+    cfg = recipe_from_dict({"optimizer": {"rule": rule, "eps": eps}}).optimizer
+    opt = build_optimizer(cfg, model)
+    assert {(g["rule"], g["eps"]) for g in opt.param_groups} == {(rule, expected_eps)}

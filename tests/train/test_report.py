@@ -117,11 +117,11 @@ def test_best_per_contender_chooses_on_validation_and_counts_divergence(tmp_path
     )
     rows = best_per_contender(runs)
     best = {r["optimizer"]: r for r in rows if r["best"]}
-    assert set(best) == {"sgd", "sgdph rowsum", "sgdph rowsum authors"}
+    assert set(best) == {"sgd", "sgdph rowsum paper", "sgdph rowsum authors"}
     assert best["sgd"]["config"]["optimizer.lr"] == 0.1 and best["sgd"]["test_mean"] == 81.0
-    assert best["sgdph rowsum"]["config"]["optimizer.lr"] == 0.01  # 91 beats the diverging (99 + 0) / 2
-    assert (best["sgdph rowsum"]["test_mean"], round(best["sgdph rowsum"]["test_std"], 3)) == (89.0, 1.414)
-    diverging = next(r for r in rows if r["optimizer"] == "sgdph rowsum" and r["config"]["optimizer.lr"] == 0.1)
+    assert best["sgdph rowsum paper"]["config"]["optimizer.lr"] == 0.01  # 91 beats the diverging (99 + 0) / 2
+    assert (best["sgdph rowsum paper"]["test_mean"], round(best["sgdph rowsum paper"]["test_std"], 3)) == (89.0, 1.414)
+    diverging = next(r for r in rows if r["optimizer"] == "sgdph rowsum paper" and r["config"]["optimizer.lr"] == 0.1)
     assert diverging["diverged"] == 1 and diverging["val_mean"] == 49.5 and diverging["seeds"] == [0, 1]
     assert set(rows[0]["config"]) == {"optimizer.lr", "optimizer.name", "optimizer.authors_code"}
     plot_against_lr(rows, tmp_path / "lr.png")
