@@ -118,6 +118,20 @@ class Recipe:
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
 
 
+def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A recorded recipe (a run's ``recipe.yaml``, a sweep's ``base.yaml``) with the keys it
+    predates filled in with today's defaults -- which keep the behaviour it ran with -- so that it
+    compares equal to a newer recipe of the same settings. Recorded keys are kept as they are."""
+    defaults = Recipe().as_dict() if defaults is None else defaults
+    merged = dict(defaults)
+    for key, value in recorded.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict) and defaults[key]:
+            merged[key] = with_defaults(value, defaults[key])
+        else:
+            merged[key] = value
+    return merged
+
+
 # ----------------------------------------------------------------------------- reading YAML
 
 

@@ -123,3 +123,16 @@ def test_non_finite_numbers_are_rejected():
     for text in (".inf", "-.inf", ".nan"):
         with pytest.raises(UserError, match="must be a finite number"):
             recipe_from_dict({}, [f"optimizer.weight_decay={text}"])
+
+
+def test_a_recorded_recipe_that_predates_a_key_gets_its_default_and_keeps_what_it_recorded():
+    from sgdph_tools.recipe import Recipe, with_defaults
+
+    recorded = Recipe().as_dict()
+    del recorded["optimizer"]["rule"]  # written before the key existed
+    recorded["optimizer"]["lr"] = 0.3
+    recorded["model"]["kwargs"] = {"width": 16}
+    merged = with_defaults(recorded)
+    assert merged["optimizer"]["rule"] == "paper" and merged["optimizer"]["lr"] == 0.3
+    assert merged["model"]["kwargs"] == {"width": 16}  # a recorded dict of free keys is kept whole
+    assert with_defaults(Recipe().as_dict()) == Recipe().as_dict()

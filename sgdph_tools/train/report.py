@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..recipe import with_defaults
 from .metrics import DIVERGED, read_metrics, validation_rank
 
 # What may differ between runs that count as repeats of one experiment.
@@ -109,7 +110,7 @@ def load_run(path: Path) -> Run:
     rows = read_metrics(metrics_file)
     if not rows and not diverged:
         raise UserError(f"{path} has no finished epoch yet")
-    return Run(path, yaml.safe_load(recipe_file.read_text()), rows, diverged)
+    return Run(path, with_defaults(yaml.safe_load(recipe_file.read_text())), rows, diverged)
 
 
 def mean_std(values: list[float]) -> str:

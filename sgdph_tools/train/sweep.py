@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..recipe import load_recipe, parse_override, recipe_from_dict
+from ..recipe import load_recipe, parse_override, recipe_from_dict, with_defaults
 from ..records import read_json, write_json
 from .metrics import DIVERGED, read_metrics
 
@@ -152,7 +152,7 @@ class Sweep:
         base = load_recipe(base_recipe)
         base.trainer.name = None  # every run names itself; the base is compared without a name
         base_text = base.to_yaml()
-        if self.base.exists() and yaml.safe_load(self.base.read_text()) != base.as_dict():
+        if self.base.exists() and with_defaults(yaml.safe_load(self.base.read_text())) != base.as_dict():
             raise UserError(
                 f"{folder} holds a sweep of another base recipe ({self.base}); give another --dir, or the same recipe"
             )

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..io import atomic_write_text
 from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
 from ..optim import SGDPH
-from ..recipe import Recipe
+from ..recipe import Recipe, with_defaults
 from ..surgery.rewrite import convert, example_input_for
 from .loop import NonFiniteLoss, StepSettings, evaluate, train_one_epoch
 from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, truncate_metrics, validation_rank
@@ -159,7 +159,8 @@ class Trainer:
         if not path.is_file():
             raise UserError(f"nothing to resume: {path} does not exist")
         state = load_training_state(path)
-        changed = _recipe_changes(state["recipe"], self.recipe.as_dict())
+        # a checkpoint written before a recipe key existed ran with that key's default
+        changed = _recipe_changes(with_defaults(state["recipe"]), self.recipe.as_dict())
         if changed:
             raise UserError(
                 f"the recipe differs from the run being resumed in {', '.join(changed[:4])}; "

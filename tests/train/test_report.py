@@ -89,6 +89,17 @@ def test_the_selected_epoch_is_the_best_on_validation_never_on_test(tmp_path):
     assert per_experiment[0]["final_acc1"] == "55.00 ± 0.00"
 
 
+def test_a_run_recorded_before_a_key_existed_groups_with_newer_runs_at_its_default(tmp_path):
+    old = fake_run(tmp_path, "old-s0", 0, [60])
+    recorded = yaml.safe_load((old / "recipe.yaml").read_text())
+    del recorded["optimizer"]["rule"]  # written before optimizer.rule existed: it ran the paper's rule
+    (old / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    runs = [load_run(old), load_run(fake_run(tmp_path, "new-s1", 1, [62], rule="paper"))]
+    runs.append(load_run(fake_run(tmp_path, "damped-s0", 0, [64], rule="damped")))
+    _, per_experiment = summarize(runs)
+    assert sorted(len(e["seeds"]) for e in per_experiment) == [1, 2]
+
+
 def test_best_per_contender_chooses_on_validation_and_counts_divergence(tmp_path):
     def grid(optimizer, lr, vals, tests, diverged_seed=None, **keys):
         return [
