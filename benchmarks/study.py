@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     selected = [s for s in sweeps(args.root) if not args.only or s[0] in args.only]
     if args.action == "tables":
-        from study_tables import print_tables  # noqa: PLC0415  (benchmarks/study_tables.py)
+        from study_tables import print_tables  # benchmarks/study_tables.py
 
         print_tables(args.root, [s[0] for s in selected])
         return

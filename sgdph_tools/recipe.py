@@ -9,6 +9,7 @@ expected type, an unknown choice lists the valid ones. ``docs/training.md`` docu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -271,6 +272,138 @@ def parse_override(text: str) -> tuple[str, Any]:
 THIRD_PARTY_OPTIMIZERS = {"apollo": ("pytorch_optimizer", "baselines")}
 
 
+def _in_range(key: str, value: float | None, low: float, high: float, *, closed_low=True, closed_high=False) -> None:
+    """``value`` (None: not set) must lie in the interval; the error names the key and the interval."""
+    if value is None:
+        return
+    if (value >= low if closed_low else value > low) and (value <= high if closed_high else value < high):
+        return
+    left, right = "[" if closed_low else "(", "]" if closed_high else ")"
+    shown = f"{left}{low}, {high}{right}".replace("inf", "∞")
+    raise UserError(f"recipe key '{key}' must be in {shown}, got {value}")
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    """Every number's meaningful range, checked here so that --dry-run rejects what training would."""
+    o, s, t, d = recipe.optimizer, recipe.schedule, recipe.trainer, recipe.data
+    inf = math.inf
+    _in_range("optimizer.weight_decay", o.weight_decay, 0, inf)
+    _in_range("optimizer.momentum", o.momentum, 0, 1)
+    _in_range("optimizer.so_lr", o.so_lr, 0, inf)
+    _in_range("optimizer.hessian_momentum", o.hessian_momentum, 0, 1)
+    _in_range("optimizer.eps", o.eps, 0, inf, closed_low=False)
+    if o.betas is not None:
+        if len(o.betas) != 2:
+            raise UserError(f"recipe key 'optimizer.betas' takes two numbers [beta1, beta2], got {o.betas}")
+        for i, beta in enumerate(o.betas):
+            _in_range(f"optimizer.betas[{i}]", beta, 0, 1)
+    if o.second_order_kinds is not None:
+        from .tagging import CHANNELWISE_KINDS  # here: the recipe module stays free of torch
+
+        for kind in o.second_order_kinds:
+            if kind not in CHANNELWISE_KINDS:
+                raise UserError(
+                    f"recipe key 'optimizer.second_order_kinds': unknown kind '{kind}'"
+                    f"{did_you_mean(kind, CHANNELWISE_KINDS)} (kinds: {', '.join(CHANNELWISE_KINDS)})"
+                )
+    _in_range("schedule.gamma", s.gamma, 0, inf, closed_low=False)
+    _in_range("schedule.min_lr", s.min_lr, 0, o.lr, closed_high=True)
+    _in_range("schedule.warmup_epochs", s.warmup_epochs, 0, inf)
+    _in_range("schedule.warmup_factor", s.warmup_factor, 0, 1, closed_low=False, closed_high=True)
+    if any(m < 0 for m in s.milestones):
+        raise UserError(f"recipe key 'schedule.milestones' takes epochs >= 0, got {s.milestones}")
+    _in_range("trainer.grad_clip", t.grad_clip, 0, inf, closed_low=False)
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        raise UserError(f"recipe key 'trainer.eval_batch_size' must be at least 1, got {t.eval_batch_size}")
+    for key, value in (("data.img_size", d.img_size), ("data.num_train", d.num_train), ("data.num_test", d.num_test)):
+        if value is not None and value < 1:
+            raise UserError(f"recipe key '{key}' must be at least 1, got {value}")
+    for key, value in (("data.num_classes", d.num_classes), ("data.channels", d.channels)):
+        if value < 1:
+            raise UserError(f"recipe key '{key}' must be at least 1, got {value}")
+    if d.num_workers < 0:
+        raise UserError(f"recipe key 'data.num_workers' must be at least 0, got {d.num_workers}")
+
+
+#: Keys that mean something only for some choices of a section's ``name``; every other key applies
+#: always. A recipe that sets one where it does not apply is rejected (it would be silently ignored).
+APPLIES_TO: dict[str, dict[str, tuple[str, ...]]] = {
+    "optimizer": {
+        "momentum": ("sgd", "sgdph"),
+        "betas": ("adam", "adamw", "adabelief", "adahessian"),
+        "eps": ("sgdph", "adam", "adamw", "adabelief", "adahessian", "apollo"),
+        **{
+            key: ("sgdph",)
+            for key in (
+                "so_lr",
+                "hessian_momentum",
+                "estimator",
+                "engine",
+                "hessian_every",
+                "gnb_fraction",
+                "authors_code",
+                "rule",
+                "second_order_kinds",
+            )
+        },
+    },
+    "schedule": {"milestones": ("multistep",), "gamma": ("multistep",), "min_lr": ("cosine",)},
+    "data": {
+        "root": ("cifar10", "cifar100", "imagefolder"),
+        "download": ("cifar10", "cifar100"),
+        "train_dir": ("imagefolder",),
+        "val_dir": ("imagefolder",),
+        "num_classes": ("synthetic",),
+        "channels": ("synthetic",),
+        "num_train": ("shapes", "synthetic"),
+        "num_test": ("shapes", "synthetic"),
+    },
+}
+_SECTIONS = {
+    "model": ModelCfg,
+    "data": DataCfg,
+    "optimizer": OptimizerCfg,
+    "schedule": ScheduleCfg,
+    "trainer": TrainerCfg,
+}
+
+
+def _check_keys_apply(data: dict, recipe: Recipe) -> None:
+    """Reject a key the recipe sets that its section's ``name`` does not use. A section that lists
+    every key is a recorded recipe (a run's recipe.yaml, a sweep's base.yaml): there a key that does
+    not apply is accepted at its default value, which is how it was recorded."""
+    for section, rules in APPLIES_TO.items():
+        written = data.get(section)
+        if not isinstance(written, dict):
+            continue
+        cfg = getattr(recipe, section)
+        defaults = _SECTIONS[section]()
+        recorded = set(written) >= {f.name for f in dataclasses.fields(cfg)}
+        for key, names in rules.items():
+            if key not in written or cfg.name in names:
+                continue
+            if recorded and getattr(cfg, key) == getattr(defaults, key):
+                continue
+            takes = [k for k in (f.name for f in dataclasses.fields(cfg)) if cfg.name in rules.get(k, (cfg.name,))]
+            raise UserError(
+                f"recipe key '{section}.{key}' does not apply to {section}.name={cfg.name} (it would be ignored); "
+                f"remove it. {section}.name={cfg.name} takes: {', '.join(k for k in takes if k != 'name')}"
+            )
+
+
+def _drop_settings_of_a_replaced_choice(data: dict, overridden: set[str]) -> None:
+    """An override that changes a section's ``name`` (``optimizer.name=sgd`` on an SGD-PH recipe)
+    replaces the file's choice: the file's keys for the old choice that the new one does not take go
+    with it. Keys the overrides themselves set are kept (and checked)."""
+    for section, rules in APPLIES_TO.items():
+        written = data.get(section)
+        if f"{section}.name" not in overridden or not isinstance(written, dict):
+            continue
+        for key, names in rules.items():
+            if key in written and f"{section}.{key}" not in overridden and written.get("name") not in names:
+                del written[key]
+
+
 def _check_semantics(recipe: Recipe) -> None:
     t, o, s = recipe.trainer, recipe.optimizer, recipe.schedule
     if o.name in THIRD_PARTY_OPTIMIZERS:
@@ -285,6 +418,7 @@ def _check_semantics(recipe: Recipe) -> None:
     ):
         if value < 1:
             raise UserError(f"recipe key '{key}' must be at least 1, got {value}")
+    _check_ranges(recipe)
     if not 0 <= recipe.data.val_fraction < 1:
         raise UserError(
             f"recipe key 'data.val_fraction' must be in [0, 1) (0: no validation set), got {recipe.data.val_fraction}"
@@ -317,13 +451,23 @@ def _check_semantics(recipe: Recipe) -> None:
 
 
 def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))
+    overridden = set()
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
+        overridden.add(key)
+    _drop_settings_of_a_replaced_choice(data, overridden)
     recipe = _build(Recipe, data, "")
+    _check_keys_apply(data, recipe)
     _check_semantics(recipe)
     return recipe
+
+
+def _written_keys(data: dict, overrides: list[str]) -> set[str]:
+    """The dotted keys a recipe file and its overrides set explicitly."""
+    keys = {f"{section}.{key}" for section, keys in data.items() if isinstance(keys, dict) for key in keys}
+    return keys | {parse_override(text)[0] for text in overrides}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -340,6 +484,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping with sections model, data, optimizer, schedule, trainer")
     recipe = recipe_from_dict(data or {}, overrides)
+    written = _written_keys(data or {}, overrides)
+    missing = [key for key in ("model.name", "data.name") if key not in written]
+    if missing:
+        raise UserError(
+            f"{path} does not say what to train: set {' and '.join(missing)} (in the file or as overrides), "
+            "or name a packaged recipe (sgdph recipes list)"
+        )
     if recipe.trainer.name is None:
         recipe.trainer.name = f"{path.stem}-s{recipe.trainer.seed}"
     return recipe

@@ -50,6 +50,40 @@ def test_defaults_and_overrides():
         ({}, ["trainer.epochs=0"], "'trainer.epochs' must be at least 1"),
         ({}, ["data.name=cifar10"], "needs data.root"),
         ({}, ["trainer.compile=true"], "engine=finite_difference"),
+        # ranges: what training would reject, or would run with a meaningless value
+        ({}, ["optimizer.so_lr=-1"], r"'optimizer.so_lr' must be in \[0, ∞\), got -1"),
+        ({}, ["optimizer.weight_decay=-1"], "'optimizer.weight_decay' must be in"),
+        ({}, ["optimizer.momentum=2"], r"'optimizer.momentum' must be in \[0, 1\), got 2"),
+        ({}, ["optimizer.hessian_momentum=1"], "'optimizer.hessian_momentum' must be in"),
+        ({}, ["optimizer.eps=0"], r"'optimizer.eps' must be in \(0, ∞\)"),
+        ({}, ["optimizer.name=adam", "optimizer.betas=[0.9]"], "takes two numbers"),
+        ({}, ["optimizer.name=adam", "optimizer.betas=[0.9,1.5]"], r"'optimizer.betas\[1\]' must be in"),
+        ({}, ["optimizer.second_order_kinds=[norm_wieght]"], "unknown kind 'norm_wieght'; did you mean 'norm_weight'"),
+        ({}, ["schedule.gamma=0"], "'schedule.gamma' must be in"),
+        ({}, ["schedule.warmup_factor=0"], "'schedule.warmup_factor' must be in"),
+        ({}, ["schedule.milestones=[-1,2]"], "epochs >= 0"),
+        ({}, ["trainer.grad_clip=-1"], "'trainer.grad_clip' must be in"),
+        ({}, ["data.num_workers=-1"], "'data.num_workers' must be at least 0"),
+        ({}, ["data.name=shapes", "data.num_train=0"], "'data.num_train' must be at least 1"),
+        # keys that do not apply to the chosen name: rejected, naming what the choice takes
+        (
+            {},
+            ["optimizer.name=adam", "optimizer.so_lr=1e-3"],
+            "'optimizer.so_lr' does not apply to optimizer.name=adam.*takes: lr, weight_decay, betas, eps, kwargs",
+        ),
+        (
+            {},
+            ["optimizer.name=sgd", "optimizer.betas=[0.9,0.99]"],
+            "'optimizer.betas' does not apply to optimizer.name=sgd.*takes: lr, weight_decay, momentum, kwargs",
+        ),
+        ({}, ["optimizer.name=adamw", "optimizer.momentum=0.9"], "'optimizer.momentum' does not apply"),
+        (
+            {},
+            ["schedule.name=cosine", "schedule.milestones=[3]"],
+            "'schedule.milestones' does not apply to schedule.name=cosine",
+        ),
+        ({}, ["data.name=digits", "data.root=/data"], "'data.root' does not apply to data.name=digits"),
+        ({}, ["data.name=shapes", "data.num_classes=5"], "'data.num_classes' does not apply"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_fix(data, overrides, message):
@@ -65,8 +99,25 @@ def test_load_recipe_file_errors(tmp_path):
     with pytest.raises(UserError, match="not valid YAML at line"):
         load_recipe(bad)
     good = tmp_path / "good.yaml"
-    good.write_text("trainer: {seed: 3}\n")
+    good.write_text("model: {name: small_cnn}\ndata: {name: digits}\ntrainer: {seed: 3}\n")
     assert load_recipe(good).trainer.name == "good-s3"  # default run name: file name and seed
+
+
+@pytest.mark.parametrize(
+    "text,overrides,missing",
+    [
+        ("", [], "set model.name and data.name"),  # an empty file would start a 200-epoch default run
+        ("trainer: {epochs: 3}\n", [], "set model.name and data.name"),
+        ("model: {name: small_cnn}\n", [], "set data.name"),
+        ("data: {name: digits}\nmodel: {kwargs: {drop_rate: 0.1}}\n", [], "set model.name"),
+    ],
+)
+def test_a_recipe_must_say_what_model_and_data_it_trains(tmp_path, text, overrides, missing):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"does not say what to train: {missing}.*packaged recipe"):
+        load_recipe(path, overrides)
+    load_recipe(path, ["model.name=small_cnn", "data.name=digits"])  # overrides may say it
 
 
 def test_a_resolved_recipe_round_trips():
@@ -115,7 +166,7 @@ def test_an_optimizer_from_a_missing_extra_is_named_with_its_extra(monkeypatch):
 def test_numbers_in_exponent_form_are_numbers_in_files_and_overrides(tmp_path, text, value):
     assert recipe_from_dict({}, [f"optimizer.eps={text}"]).optimizer.eps == value
     path = tmp_path / "r.yaml"
-    path.write_text(f"optimizer:\n  lr: {text}\n")
+    path.write_text(f"model: {{name: small_cnn}}\ndata: {{name: digits}}\noptimizer:\n  lr: {text}\n")
     assert load_recipe(path).optimizer.lr == value
 
 
@@ -136,3 +187,22 @@ def test_a_recorded_recipe_that_predates_a_key_gets_its_default_and_keeps_what_i
     assert merged["optimizer"]["rule"] == "paper" and merged["optimizer"]["lr"] == 0.3
     assert merged["model"]["kwargs"] == {"width": 16}  # a recorded dict of free keys is kept whole
     assert with_defaults(Recipe().as_dict()) == Recipe().as_dict()
+
+
+def test_a_recorded_recipe_keeps_loading_though_it_lists_keys_that_do_not_apply():
+    recorded = yaml.safe_load(recipe_from_dict({"optimizer": {"name": "adamw"}}).to_yaml())
+    assert "so_lr" in recorded["optimizer"]  # a run's recipe.yaml lists every key, at its default
+    assert recipe_from_dict(recorded).optimizer.name == "adamw"
+    recorded["optimizer"]["so_lr"] = 0.5  # but a changed value that would be ignored is still an error
+    with pytest.raises(UserError, match="'optimizer.so_lr' does not apply"):
+        recipe_from_dict(recorded)
+
+
+def test_an_override_that_changes_the_choice_drops_the_files_settings_for_the_old_one():
+    quickstart = ROOT / "recipes" / "quickstart.yaml"  # SGD-PH, with so_lr, estimator, ... and cosine
+    sgd = load_recipe(quickstart, ["optimizer.name=sgd", "optimizer.lr=0.1"])
+    assert (sgd.optimizer.name, sgd.optimizer.lr, sgd.optimizer.momentum) == ("sgd", 0.1, 0.9)
+    with pytest.raises(UserError, match="'optimizer.so_lr' does not apply to optimizer.name=sgd"):
+        load_recipe(quickstart, ["optimizer.name=sgd", "optimizer.so_lr=0.01"])  # said in this command
+    multistep = load_recipe(quickstart, ["schedule.name=multistep", "schedule.milestones=[10, 20]"])
+    assert multistep.schedule.milestones == [10, 20]

@@ -35,6 +35,9 @@ def train_command(
             f"--nproc {nproc} processes: choose a multiple of {nproc}"
         )
     if dry_run:
+        from ..train.trainer import check_buildable  # heavy imports only when needed
+
+        check_buildable(resolved)
         console.print(f"# {recipe_path} resolved with {len(overrides or [])} override(s); valid", style="dim")
         print(resolved.to_yaml(), end="")
         return

@@ -90,9 +90,12 @@ def strip_norms(model: nn.Module) -> list[str]:
 
 
 def example_input_for(model: nn.Module, img_size: int | None = None, batch: int = 2) -> torch.Tensor:
-    """A deterministic random batch shaped for ``model`` (timm's ``pretrained_cfg['input_size']``)."""
+    """A deterministic random batch shaped for ``model``: timm's ``pretrained_cfg['input_size']``, with
+    the channels the model was built for (its first conv's ``in_channels``: a timm model built with
+    ``in_chans=1`` keeps the 3 of its config)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     chans, height, width = cfg.get("input_size", (3, 224, 224))
+    chans = _input_channels(model, cfg.get("first_conv")) or chans
     fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm ViTs built for another size
     if isinstance(fixed, (tuple, list)) and len(fixed) == 2:
         height, width = fixed
@@ -102,6 +105,17 @@ def example_input_for(model: nn.Module, img_size: int | None = None, batch: int 
     device = param.device if param is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, chans, height, width, generator=gen).to(device)
+
+
+def _input_channels(model: nn.Module, first_conv: str | None) -> int | None:
+    """The channels the model's first convolution takes: the one timm's config names, else the first
+    conv in module order; None when there is none (an MLP)."""
+    modules = dict(model.named_modules())
+    named = modules.get(first_conv) if isinstance(first_conv, str) else None
+    for module in ([named] if named is not None else []) + list(modules.values()):
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels
+    return None
 
 
 @torch.no_grad()

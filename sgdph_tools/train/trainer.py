@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import distributed
-from ..data.datasets import build_datasets, build_loaders
+from ..data.datasets import build_datasets, build_loaders, describe_data
 from ..errors import UserError
 from ..io import atomic_write_text
 from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
@@ -52,6 +52,44 @@ def init_distributed() -> tuple[int, int, int, bool]:
         dist.init_process_group(backend)
         return rank, world, local_rank, True
     return rank, world, local_rank, False
+
+
+def model_spec(recipe: Recipe, num_classes: int, in_chans: int) -> ModelSpec:
+    """The recipe's model for the data's classes and channels. timm models take the data's channels
+    (a model's own default may differ: small_cnn's is 1); torchvision's constructors have no
+    in_chans and are 3-channel."""
+    kwargs = {"num_classes": num_classes, **recipe.model.kwargs}
+    if not recipe.model.name.startswith(TORCHVISION_PREFIXES) or in_chans != 3:
+        kwargs = {"in_chans": in_chans, **kwargs}
+    return ModelSpec.parse(recipe.model.name, **kwargs)
+
+
+def _convert(model: nn.Module, recipe: Recipe, img_size: int):
+    conv = recipe.model.conversion
+    example = example_input_for(model, img_size)
+    return convert(model, wn=conv.wn, strip_norm=conv.strip_norm, exclude=conv.exclude, example_input=example)
+
+
+def check_buildable(recipe: Recipe) -> None:
+    """What ``--dry-run`` adds to the recipe's own validation: the data's folders, the model's name and
+    constructor arguments, the conversion and the optimizer, built as training builds them but
+    without data or weights -- on the meta device, or on the CPU when the recipe converts the model
+    (conversion traces it with real tensors). Raises the same one-line errors training would."""
+    num_classes, in_chans, img_size = describe_data(recipe.data)
+    spec = model_spec(recipe, num_classes, in_chans)
+    conv = recipe.model.conversion
+    converts = conv.wn or conv.strip_norm
+    with torch.device("cpu" if converts else "meta"):
+        try:
+            model = create_model_for_size(spec, img_size)
+        except (ValueError, RuntimeError, AssertionError) as exc:  # a value the architecture rejects
+            raise UserError(f"cannot build '{spec.display_name}' with {recipe.model.kwargs}: {exc}") from exc
+    if converts:
+        model, _ = _convert(model, recipe, img_size)
+    try:
+        build_optimizer(recipe.optimizer, model)
+    except (ValueError, TypeError) as exc:  # e.g. an optimizer.kwargs entry the optimizer does not take
+        raise UserError(f"optimizer '{recipe.optimizer.name}': {exc}") from exc
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -90,20 +128,12 @@ class Trainer:
         )
 
         # Model: built by name for the data's classes and channels, converted when asked.
-        # timm models take the data's channels (a model's own default may differ: small_cnn's is 1);
-        # torchvision's constructors have no in_chans and are 3-channel.
-        kwargs = {"num_classes": self.data.num_classes, **recipe.model.kwargs}
-        if not recipe.model.name.startswith(TORCHVISION_PREFIXES) or self.data.in_chans != 3:
-            kwargs = {"in_chans": self.data.in_chans, **kwargs}
-        self.spec = ModelSpec.parse(recipe.model.name, **kwargs)
+        self.spec = model_spec(recipe, self.data.num_classes, self.data.in_chans)
         model = create_model_for_size(self.spec, self.data.img_size)
         conv = recipe.model.conversion
         self.conversion = None
         if conv.wn or conv.strip_norm:
-            example = example_input_for(model, self.data.img_size)
-            model, report = convert(
-                model, wn=conv.wn, strip_norm=conv.strip_norm, exclude=conv.exclude, example_input=example
-            )
+            model, report = _convert(model, recipe, self.data.img_size)
             self.conversion = {
                 "wn": conv.wn,
                 "strip_norm": conv.strip_norm,

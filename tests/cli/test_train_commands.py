@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from sgdph_tools.errors import UserError
@@ -44,7 +45,7 @@ def test_bad_recipe_inputs_are_one_line_errors(tmp_path):
     r = sgdph("train", QUICK, "optimizer.lrr=0.1")
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        "error: unknown recipe key 'optimizer.lrr'; did you mean 'optimizer.lr', 'optimizer.so_lr', 'optimizer.eps'?"
+        "error: unknown recipe key 'optimizer.lrr'; did you mean 'optimizer.lr', 'optimizer.so_lr', 'optimizer.rule'?"
     )
     r = sgdph("train", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and r.stderr.strip() == f"error: no such recipe file: {tmp_path / 'nope.yaml'}"
@@ -61,3 +62,28 @@ def test_nproc_is_checked_before_any_process_starts():
     result = sgdph("train", QUICK, "--nproc", "3")  # batch 32 over 3 processes: refused, one line, nothing launched
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "does not split evenly over --nproc 3 processes" in result.stderr and "launching" not in result.stdout
+
+
+def test_dry_run_rejects_what_training_would_reject_and_prints_only_valid_recipes(tmp_path):
+    cases = [
+        (["model.name=resnet18x"], "unknown model 'resnet18x'; did you mean 'resnet18'"),
+        (["model.kwargs.widht=3"], "cannot build 'small_cnn'.*unexpected keyword argument 'widht'"),
+        (["model.kwargs.width=-3"], "cannot build 'small_cnn'"),
+        (["optimizer.so_lr=-1"], "'optimizer.so_lr' must be in"),
+        (["optimizer.weight_decay=-1"], "'optimizer.weight_decay' must be in"),
+        (["optimizer.momentum=2"], "'optimizer.momentum' must be in"),
+        (["optimizer.second_order_kinds=[gamma]"], "unknown kind 'gamma'"),
+        (["optimizer.estimator=rowsun"], "did you mean 'rowsum'"),
+        (["optimizer.kwargs.nesterov=true"], "optimizer 'sgdph'.*unexpected keyword argument 'nesterov'"),
+        (["data.name=cifar10", f"data.root={tmp_path}"], "cifar10 not found under"),
+        (["data.name=imagefolder", f"data.root={tmp_path}"], "imagefolder: .* is not a folder"),
+        (["optimizer.name=adam", "optimizer.so_lr=0.01"], "does not apply to optimizer.name=adam"),
+    ]
+    for overrides, message in cases:
+        result = invoke("train", QUICK, "--dry-run", *overrides)
+        assert isinstance(result.exception, UserError), (overrides, result.output)
+        assert re.search(message, str(result.exception)), (message, str(result.exception))
+        assert "valid" not in result.output and "epochs:" not in result.output  # no recipe printed
+    # a converted model on 1-channel data: the conversion's example input has the model's channels
+    result = invoke("train", QUICK, "--dry-run", "model.name=small_cnn_nobn", "model.conversion.wn=true")
+    assert result.exit_code == 0 and "valid" in result.output, result.output

@@ -4,6 +4,7 @@ report, checkpoint and bake round trips."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 
@@ -130,3 +131,13 @@ def test_a_conversion_that_changes_outputs_is_an_error(monkeypatch):
 def test_saved_conversion_naming_a_missing_layer_is_an_error():
     with pytest.raises(Exception, match="does not have"):
         convert(create_model(ModelSpec("resnet18_cifar")), layers=["no.such.layer"], verify=False)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", [("resnet18", {}), ("small_cnn_nobn", {}), ("vit_tiny_patch16_224", {"img_size": 32})]
+)
+def test_the_example_input_has_the_channels_the_model_was_built_for(name, kwargs):
+    model = timm.create_model(name, in_chans=1, num_classes=3, **kwargs)
+    assert example_input_for(model, 32).shape == (2, 1, 32, 32)  # timm's config still says 3 channels
+    converted, report = convert(model, wn=True)  # the verification forward runs on that input
+    assert report.decoupled and converted(torch.randn(2, 1, 32, 32)).shape == (2, 3)
