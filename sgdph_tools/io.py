@@ -40,3 +40,16 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries an interrupted atomic write left in ``folder`` (``.NAME.*.tmp``; a
+    kill -9 mid-write skips the cleanup above). Call it only where no other process writes now:
+    the start or resume of the run that owns the folder. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

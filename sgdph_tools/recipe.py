@@ -100,6 +100,8 @@ class TrainerCfg:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (not with double backward)
     grad_clip: float | None = None  # max gradient norm
+    divergence_factor: float | None = 10.0  # stop when the loss stays above this x its start (null: off)
+    divergence_patience: int = 3  # ... for this many progress checks (log_every iterations each) in a row
     log_every: int = 10  # progress refresh, iterations
     progress: bool = True  # a live progress bar when attached to a terminal
 
@@ -313,6 +315,9 @@ def _check_ranges(recipe: Recipe) -> None:
     if any(m < 0 for m in s.milestones):
         raise UserError(f"recipe key 'schedule.milestones' takes epochs >= 0, got {s.milestones}")
     _in_range("trainer.grad_clip", t.grad_clip, 0, inf, closed_low=False)
+    _in_range("trainer.divergence_factor", t.divergence_factor, 1, inf, closed_low=False)
+    if t.divergence_patience < 1:
+        raise UserError(f"recipe key 'trainer.divergence_patience' must be at least 1, got {t.divergence_patience}")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise UserError(f"recipe key 'trainer.eval_batch_size' must be at least 1, got {t.eval_batch_size}")
     for key, value in (("data.img_size", d.img_size), ("data.num_train", d.num_train), ("data.num_test", d.num_test)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,15 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        rows = [json.loads(line) for line in lines]
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON Lines: {exc.msg}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # a write cut short by a kill: the records before it are whole
+                print(f"warning: {path}: skipped a torn last line (an interrupted write)", file=sys.stderr)
+                break
+            raise UserError(f"{path} is not valid JSON Lines: line {number}: {exc.msg}") from None
     if rows and isinstance(rows[0], dict) and "format" in rows[0]:
         check_header(rows[0], kind, str(path))
         return rows[1:]

@@ -23,10 +23,18 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe; build nothing."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the recipe's output folder from last.pt."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (one per GPU) to launch with torchrun (DDP)."),
+    allow_changes: bool = typer.Option(
+        False,
+        "--allow-changes",
+        help="With --resume: continue with changed lr, weight_decay, so_lr, eps, grad_clip, epochs, ... "
+        "(recorded in metrics.jsonl).",
+    ),
 ) -> None:
     """Train a (possibly converted) timm model with SGD-PH or a baseline; write metrics, curves and checkpoints."""
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if allow_changes and not resume:
+        raise UserError("--allow-changes applies to --resume only: add --resume to continue a run with new values")
     recipe_path = resolve_recipe(recipe)
     resolved = load_recipe(recipe_path, overrides or [])
     if resolved.trainer.batch_size % nproc:  # before any process starts: one line, not one per process
@@ -42,25 +50,29 @@ def train_command(
         print(resolved.to_yaml(), end="")
         return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_torchrun(nproc, recipe_path, overrides or [], resume))
+        raise typer.Exit(_launch_torchrun(nproc, recipe_path, overrides or [], resume, allow_changes))
     from ..train import Trainer  # heavy imports only when training
 
-    Trainer(resolved, resume=resume).run()
+    Trainer(resolved, resume=resume, allow_changes=allow_changes).run()
 
 
-def _launch_torchrun(nproc: int, recipe: Path, overrides: list[str], resume: bool) -> int:
+def _launch_torchrun(nproc: int, recipe: Path, overrides: list[str], resume: bool, allow_changes: bool) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "sgdph_tools",
-        "train",
-        str(recipe),
-        *overrides,
-    ] + (["--resume"] if resume else [])
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "sgdph_tools",
+            "train",
+            str(recipe),
+            *overrides,
+        ]
+        + (["--resume"] if resume else [])
+        + (["--allow-changes"] if allow_changes else [])
+    )
     console.print(f"launching {nproc} processes: {' '.join(command[1:])}", style="dim")
     return subprocess.call(command)

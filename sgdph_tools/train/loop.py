@@ -10,6 +10,7 @@ How a step runs depends on the optimizer:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +24,39 @@ from ..errors import UserError
 from ..optim import SGDPH
 
 
-class NonFiniteLoss(UserError):
+class Diverged(UserError):
+    """Training diverged: the loss became inf or NaN, or stayed far above where it started."""
+
+
+class NonFiniteLoss(Diverged):
     """The training loss became inf or NaN."""
+
+
+class DivergenceGuard:
+    """Stops a run whose training loss explodes but stays finite (loss 4e18, top-1 at chance).
+
+    The reference is the mean loss of the run's first window (the first ``log_every`` iterations); a
+    window is the iterations between two checks. When ``patience`` windows in a row have a mean loss
+    above ``factor`` times the reference, :class:`Diverged` is raised. ``factor`` None: off. The
+    reference travels in the checkpoint, so a resumed run compares against the same start."""
+
+    def __init__(self, factor: float | None, patience: int, reference: float | None = None):
+        self.factor, self.patience, self.reference, self.strikes = factor, patience, reference, 0
+
+    def check(self, window_loss: float, epoch: int, iteration: int) -> None:
+        if not math.isfinite(window_loss):
+            raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}, iteration {iteration}")
+        if self.factor is None:
+            return
+        if self.reference is None:
+            self.reference = window_loss
+            return
+        self.strikes = self.strikes + 1 if window_loss > self.factor * self.reference else 0
+        if self.strikes >= self.patience:
+            raise Diverged(
+                f"the training loss diverged in epoch {epoch + 1}, iteration {iteration}: {window_loss:.4g}, "
+                f"above {self.factor:g}x its starting value {self.reference:.4g} for {self.patience} checks in a row"
+            )
 
 
 @dataclass
@@ -100,14 +132,17 @@ def train_one_epoch(
     epoch: int,
     log_every: int,
     on_progress: Callable[[int, dict], None] | None = None,
+    guard: DivergenceGuard | None = None,
 ) -> dict:
     """Train for one epoch; returns train_loss, train_acc1 (percent) and images per second, reduced
-    over processes. Raises NonFiniteLoss as soon as the loss is inf or NaN (checked every
-    ``log_every`` iterations, where the running sums are read anyway)."""
+    over processes. Every ``log_every`` iterations, where the running sums are read anyway, the
+    mean loss since the last check (averaged over processes, so that all stop together) goes to
+    ``guard``, which raises :class:`Diverged` on a non-finite or exploding loss."""
+    guard = guard or DivergenceGuard(None, 1)
     model.train()
     # Running sums stay on the device (no sync per iteration); the count is known on the host.
     totals = torch.zeros(2, device=s.device, dtype=torch.float64)  # loss sum, correct
-    count = 0
+    count, checked_sum, checked_count = 0, 0.0, 0
     start = time.perf_counter()
     for i, batch in enumerate(loader, 1):
         x, y = _to_device(batch, s)
@@ -118,8 +153,10 @@ def train_one_epoch(
         totals[1] += (logits.argmax(1) == y).sum()
         if i % log_every == 0 or i == len(loader):
             loss_sum, correct = totals.tolist()
-            if not torch.isfinite(torch.tensor(loss_sum)):
-                raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}, iteration {i}")
+            window = torch.tensor([loss_sum - checked_sum, float(count - checked_count)], dtype=torch.float64)
+            window_sum, window_count = distributed.all_reduce_sum_(window.to(s.device)).tolist()
+            guard.check(window_sum / window_count, epoch, i)
+            checked_sum, checked_count = loss_sum, count
             if on_progress is not None:
                 on_progress(
                     i,

@@ -22,13 +22,15 @@ def append_metrics(path: Path, row: dict) -> None:
     append_jsonl(path, "metrics", row)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return read_jsonl(path, "metrics")
+def read_metrics(path: Path, events: bool = False) -> list[dict]:
+    """The per-epoch rows; with ``events``, only the event records instead (``{"epoch": n, "event":
+    "resumed", "changes": {key: [old, new]}}``: a resume that changed hyperparameters after epoch n)."""
+    return [r for r in read_jsonl(path, "metrics") if ("event" in r) == events]
 
 
 def truncate_metrics(path: Path, epochs: int) -> None:
-    """Keep the rows of the first ``epochs`` epochs (a resumed run rewrites what came after)."""
-    rows = [r for r in read_metrics(path) if r["epoch"] <= epochs]
+    """Keep the rows and events of the first ``epochs`` epochs (a resumed run rewrites what came after)."""
+    rows = [r for r in read_jsonl(path, "metrics") if r["epoch"] <= epochs]
     rewrite_jsonl(path, "metrics", rows)
 
 

@@ -48,6 +48,7 @@ def save_training_state(
     best_val_acc1: float,
     best_val_loss: float,
     device: torch.device,
+    loss_reference: float | None = None,
 ) -> Path:
     return atomic_save(
         {
@@ -65,6 +66,7 @@ def save_training_state(
             "epoch": epoch,  # completed epochs
             "best_val_acc1": best_val_acc1,  # -inf without a validation set
             "best_val_loss": best_val_loss,  # its validation loss (the tie-break); inf without one
+            "loss_reference": loss_reference,  # the divergence guard's starting loss (None: not yet)
         },
         path,
     )

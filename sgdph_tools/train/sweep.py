@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..io import remove_stale_temporaries
 from ..recipe import load_recipe, parse_override, recipe_from_dict, with_defaults
 from ..records import read_json, write_json
 from .metrics import DIVERGED, read_metrics
@@ -149,6 +150,7 @@ class Sweep:
 
     def __init__(self, folder: Path, base_recipe: Path, runs: list[PlannedRun]):
         self.folder, self.base = folder, folder / BASE
+        remove_stale_temporaries(folder)  # a manifest write cut short by a kill
         base = load_recipe(base_recipe)
         base.trainer.name = None  # every run names itself; the base is compared without a name
         base_text = base.to_yaml()
@@ -211,7 +213,7 @@ def _train_one(base: str, overrides: list[str], threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     from . import Trainer
-    from .loop import NonFiniteLoss
+    from .loop import Diverged
 
     recipe = load_recipe(base, overrides)
     run_dir = Path(recipe.trainer.output_dir) / recipe.trainer.name
@@ -219,7 +221,7 @@ def _train_one(base: str, overrides: list[str], threads: int) -> dict[str, Any]:
     with open(run_dir / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             rows = Trainer(recipe, resume=(run_dir / "last.pt").exists()).run()
-        except NonFiniteLoss as exc:
+        except Diverged as exc:
             return {"status": "diverged", "message": str(exc)}
         except UserError as exc:
             return {"status": "failed", "message": str(exc)}

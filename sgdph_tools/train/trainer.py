@@ -21,18 +21,35 @@ import torch.nn as nn
 from .. import distributed
 from ..data.datasets import build_datasets, build_loaders, describe_data
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, remove_stale_temporaries
 from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
 from ..optim import SGDPH
 from ..recipe import Recipe, with_defaults
 from ..surgery.rewrite import convert, example_input_for
-from .loop import NonFiniteLoss, StepSettings, evaluate, train_one_epoch
+from .loop import Diverged, DivergenceGuard, StepSettings, evaluate, train_one_epoch
 from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, truncate_metrics, validation_rank
 from .optimizers import build_optimizer, build_scheduler
 from .state import load_training_state, save_training_state, set_rng_state
 
-# Keys that may differ between a run and its resumption.
+# Keys that may differ between a run and its resumption: freely (they change nothing computed) ...
 _RESUME_FREE = {("trainer", "progress"), ("trainer", "log_every"), ("data", "num_workers")}
+# ... and with --allow-changes (the usual advice after a divergence: lower lr, clip, train longer).
+# The rest -- model, data, seed, the optimizer's kind and estimator -- define the run: changing them
+# is a new run, not a continuation.
+RESUME_ADJUSTABLE = (
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.momentum",
+    "optimizer.so_lr",
+    "optimizer.eps",
+    "optimizer.hessian_momentum",
+    "schedule.min_lr",
+    "trainer.epochs",
+    "trainer.grad_clip",
+    "trainer.divergence_factor",
+    "trainer.divergence_patience",
+    "trainer.eval_batch_size",
+)
 
 
 def _log(message: str) -> None:
@@ -102,7 +119,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, *, resume: bool = False):
+    def __init__(self, recipe: Recipe, *, resume: bool = False, allow_changes: bool = False):
         self.recipe, t = recipe, recipe.trainer
         self.rank, self.world, local_rank, self._owns_process_group = init_distributed()
         if t.device == "cuda" and not torch.cuda.is_available():
@@ -162,8 +179,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last)
         self.start_epoch, self.best_val = 0, (float("-inf"), float("-inf"))  # validation_rank of best.pt
+        self.guard = DivergenceGuard(t.divergence_factor, t.divergence_patience)
         if resume:
-            self._resume()
+            self._resume(allow_changes)
         elif (self.run_dir / "last.pt").exists():
             raise UserError(
                 f"{self.run_dir} already holds a run: continue it with --resume, or choose another "
@@ -184,17 +202,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------- resume
 
-    def _resume(self) -> None:
+    def _resume(self, allow_changes: bool) -> None:
         path = self.run_dir / "last.pt"
         if not path.is_file():
             raise UserError(f"nothing to resume: {path} does not exist")
         state = load_training_state(path)
         # a checkpoint written before a recipe key existed ran with that key's default
-        changed = _recipe_changes(with_defaults(state["recipe"]), self.recipe.as_dict())
-        if changed:
+        saved = with_defaults(state["recipe"])
+        changed = _recipe_changes(saved, self.recipe.as_dict())
+        fixed = [k for k in changed if k not in RESUME_ADJUSTABLE]
+        if fixed:
             raise UserError(
-                f"the recipe differs from the run being resumed in {', '.join(changed[:4])}; "
-                "resume with the same recipe and overrides"
+                f"the recipe differs from the run being resumed in {', '.join(fixed[:4])}, which define the run "
+                f"(only {', '.join(RESUME_ADJUSTABLE)} may change on resume): resume with the same recipe "
+                "and overrides, or start a new run (another trainer.name)"
+            )
+        if changed and not allow_changes:
+            raise UserError(
+                f"the recipe differs from the run being resumed in {', '.join(changed)}: to continue with the "
+                "new values add --allow-changes (the change is recorded in metrics.jsonl), or resume with "
+                "the same recipe and overrides"
             )
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -203,9 +230,43 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
         self.start_epoch, self.best_val = state["epoch"], (state["best_val_acc1"], -state["best_val_loss"])
-        if self.rank == 0:
+        self.guard.reference = state.get("loss_reference")
+        if self.rank == 0:  # (also drops a line torn by a kill during its write)
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start_epoch)
+        if changed:
+            self._apply_changes(saved, changed, self.start_epoch)
         _log(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+
+    def _apply_changes(self, saved: dict, changed: list[str], epoch: int) -> None:
+        """Hyperparameters the checkpoint's optimizer and scheduler states restored at their old
+        values get the recipe's new ones; the change is recorded in metrics.jsonl."""
+        o = self.recipe.optimizer
+        old_lr = saved["optimizer"]["lr"]
+        if "optimizer.lr" in changed:  # the groups, and the scheduler's base values it multiplies
+            factor = o.lr / old_lr
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        if {"optimizer.lr", "trainer.epochs", "schedule.min_lr"} & set(changed):
+            # the lr at the resume point, from the new schedule (the restored one followed the old)
+            step = self.scheduler.last_epoch
+            for group, base, lr_lambda in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+            ):
+                group["lr"] = base * lr_lambda(step)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        for key in ("weight_decay", "momentum", "so_lr", "eps", "hessian_momentum"):
+            value = getattr(o, key)
+            if f"optimizer.{key}" in changed and value is not None:
+                for group in self.optimizer.param_groups:
+                    if key in group:
+                        group[key] = value
+        changes = {k: [_dotted(saved, k), _dotted(self.recipe.as_dict(), k)] for k in changed}
+        if self.rank == 0:
+            append_metrics(self.run_dir / "metrics.jsonl", {"epoch": epoch, "event": "resumed", "changes": changes})
+        _log(f"resuming with changes: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}")
 
     # ------------------------------------------------------------------------- run
 
@@ -221,6 +282,8 @@ class Trainer:
         t = self.recipe.trainer
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.run_dir):  # left by a kill during a write
+                _log(f"removed {stale.name}, a temporary file an interrupted write left behind")
             atomic_write_text(self.recipe.to_yaml(), self.run_dir / "recipe.yaml")
             (self.run_dir / DIVERGED).unlink(missing_ok=True)  # a new attempt: not diverged (yet)
         _log(
@@ -243,8 +306,9 @@ class Trainer:
                     epoch=epoch,
                     log_every=t.log_every,
                     on_progress=progress.update,
+                    guard=self.guard,
                 )
-            except NonFiniteLoss as exc:
+            except Diverged as exc:
                 progress.stop()
                 last = self.run_dir / "last.pt"
                 kept = (
@@ -252,10 +316,16 @@ class Trainer:
                     if last.exists()
                     else "no checkpoint was written yet"
                 )
-                message = f"{exc}; stopped, {kept}. Lower optimizer.lr or set trainer.grad_clip"
+                fixes = "lower optimizer.lr" + (
+                    " or optimizer.so_lr, raise optimizer.eps" if self.recipe.optimizer.name == "sgdph" else ""
+                )
+                message = (
+                    f"{exc}; stopped, {kept}. Likely fixes: {fixes}, or set trainer.grad_clip "
+                    "(then continue with --resume --allow-changes, or start over)"
+                )
                 if self.rank == 0:  # the run's folder says so: reports count it as diverged, sweeps do not retry it
                     atomic_write_text(message + "\n", self.run_dir / DIVERGED)
-                raise NonFiniteLoss(message) from None
+                raise type(exc)(message) from None
             progress.stop()
             val = evaluate(self.net, self.loaders.val, self.settings, "val") if self.loaders.val is not None else {}
             test = evaluate(self.net, self.loaders.test, self.settings, "test")
@@ -289,6 +359,9 @@ class Trainer:
         plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png", self.run_dir.name)
         # best.pt is chosen on validation only; without a validation set there is none (the test set
         # is reported, never selected on).
+        if self.guard.strikes:  # the loss is exploding right now: keep the last good checkpoint as it is
+            _log(f"epoch {epoch + 1}: the training loss is far above its start; last.pt is not overwritten")
+            return
         is_best = "val_acc1" in row and validation_rank(row) > self.best_val
         if is_best:
             self.best_val = validation_rank(row)
@@ -304,6 +377,7 @@ class Trainer:
             best_val_acc1=self.best_val[0],
             best_val_loss=-self.best_val[1],
             device=self.device,
+            loss_reference=self.guard.reference,
         )
         save_training_state(self.run_dir / "last.pt", **state)
         if is_best:
@@ -313,6 +387,11 @@ class Trainer:
         prints = [None] * self.world
         dist.all_gather_object(prints, model_fingerprint(self.model))
         return len(set(prints)) == 1
+
+
+def _dotted(recipe: dict, key: str):
+    section, name = key.split(".")
+    return recipe[section][name]
 
 
 def _recipe_changes(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:

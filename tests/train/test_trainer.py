@@ -12,7 +12,7 @@ from sgdph_tools.errors import UserError
 from sgdph_tools.recipe import load_recipe, recipe_from_dict
 from sgdph_tools.surgery.checkpoint import load_model
 from sgdph_tools.train import Trainer
-from sgdph_tools.train.loop import NonFiniteLoss
+from sgdph_tools.train.loop import Diverged, DivergenceGuard, NonFiniteLoss
 from sgdph_tools.train.metrics import read_metrics, validation_rank
 from sgdph_tools.train.state import load_training_state
 
@@ -104,6 +104,58 @@ def test_resume_refuses_a_different_recipe_and_a_fresh_run_refuses_an_old_folder
         Trainer(small_recipe(tmp_path, name="other"), resume=True)
 
 
+def test_resume_may_change_the_safe_keys_with_allow_changes_and_records_the_change(tmp_path):
+    Trainer(small_recipe(tmp_path, "trainer.epochs=1")).run()
+    changed = ("trainer.epochs=2", "optimizer.lr=0.005", "trainer.grad_clip=1.0")
+    with pytest.raises(UserError, match="in optimizer.lr, trainer.epochs, trainer.grad_clip: .*add --allow-changes"):
+        Trainer(small_recipe(tmp_path, *changed), resume=True)
+    for fixed, key in (("trainer.seed=1", "trainer.seed"), ("model.kwargs.drop_rate=0.1", "model.kwargs")):
+        with pytest.raises(UserError, match=f"in {key}.*which define the run"):
+            Trainer(small_recipe(tmp_path, *changed, fixed), resume=True, allow_changes=True)
+    resumed = Trainer(small_recipe(tmp_path, *changed), resume=True, allow_changes=True)
+    # the new lr reached the scheduler's base values, and the lr now follows the new 2-epoch cosine
+    assert resumed.scheduler.base_lrs == pytest.approx([0.005] * len(resumed.optimizer.param_groups))
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx(
+        [0.0025] * len(resumed.scheduler.base_lrs)
+    )
+    rows = resumed.run()
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    (event,) = read_metrics(tmp_path / "run" / "metrics.jsonl", events=True)
+    assert event == {
+        "epoch": 1,
+        "event": "resumed",
+        "changes": {"optimizer.lr": [0.01, 0.005], "trainer.epochs": [1, 2], "trainer.grad_clip": [None, 1.0]},
+    }
+
+
+def test_a_torn_metrics_line_and_stale_temporaries_left_by_a_kill_do_not_stop_resume_or_report(tmp_path, capsys):
+    from sgdph_tools.train.report import load_run
+
+    cut = Trainer(small_recipe(tmp_path, "trainer.epochs=2"))
+
+    def stop_after_first_epoch(epoch, row):
+        raise Interrupt
+
+    cut.on_epoch_end.append(stop_after_first_epoch)
+    with pytest.raises(Interrupt):
+        cut.run()
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # killed mid-write
+    (run / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (run / ".recipe.yaml.x.tmp").write_text("model:")
+    assert [r["epoch"] for r in load_run(run).rows] == [1]  # the report reads the whole lines
+    assert "skipped a torn last line" in capsys.readouterr().err
+    rows = Trainer(small_recipe(tmp_path, "trainer.epochs=2"), resume=True).run()
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert not list(run.glob(".*.tmp"))  # removed on resume
+    f = run / "metrics.jsonl"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join([lines[0], "{torn", *lines[1:]]) + "\n")  # a bad line in the middle is an error
+    with pytest.raises(UserError, match="not valid JSON Lines: line 2"):
+        read_metrics(f)
+
+
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(small_recipe(tmp_path, "optimizer.name=sgd", "optimizer.lr=0.05"))
 
@@ -120,6 +172,38 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 1 and all(
         torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
     )
+
+
+def test_a_loss_that_explodes_but_stays_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(small_recipe(tmp_path, "optimizer.name=sgd", "optimizer.lr=0.05", "trainer.log_every=2"))
+
+    def explode(epoch, row):  # after a good first epoch: logits of order 1e8, a finite loss of the same order
+        with torch.no_grad():
+            trainer.model.fc.weight.mul_(1e8)
+
+    trainer.on_epoch_end.append(explode)
+    with pytest.raises(Diverged, match=r"diverged in epoch 2.*above 10x its starting value.*3 checks") as info:
+        trainer.run()
+    assert "Likely fixes: lower optimizer.lr, or set trainer.grad_clip" in str(info.value)
+    assert "diverged in epoch 2" in (tmp_path / "run" / "diverged.txt").read_text()  # sweeps/reports see it
+    assert load_training_state(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_the_divergence_guard():
+    guard = DivergenceGuard(factor=10, patience=2)
+    guard.check(2.3, 0, 1)  # the first window sets the reference
+    for loss in (30.0, 2.0, 30.0):  # a spike that recovers resets the count
+        guard.check(loss, 0, 2)
+    with pytest.raises(Diverged, match="2 checks in a row"):
+        guard.check(24.0, 0, 3)
+    with pytest.raises(NonFiniteLoss, match="non-finite in epoch 4, iteration 7"):
+        DivergenceGuard(None, 1).check(float("nan"), 3, 7)  # off: non-finite still stops
+    off = DivergenceGuard(None, 1)
+    for loss in (2.3, 1e18, 1e18):
+        off.check(loss, 0, 1)
+    resumed = DivergenceGuard(10, 1, reference=2.3)  # a resumed run keeps the start it had
+    with pytest.raises(Diverged):
+        resumed.check(24.0, 5, 1)
 
 
 @pytest.mark.parametrize(
