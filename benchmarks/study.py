@@ -10,6 +10,9 @@ Protocol (the same for every contender, so that no contender gets more tuning th
 - Stage 1 tunes: each contender's grid has 6 configurations (lr x weight decay for SGDM and AdamW;
   SGD-PH keeps SGDM's weight decay and spends half of its budget on its own knob, τ for the paper's
   rule, ε for the others), one seed (0), selected on the validation split's top-1 at the last epoch.
+  Where the chosen lr is the grid's largest or smallest, the grid is extended once by the next lr
+  in that direction (same ratio, with each value of the other axis: 2 more configurations) and the
+  choice is made again over both -- the same rule for every contender.
 - Stage 2 evaluates: the chosen configuration runs seeds 1-3 (seed 0 is stage 1's run), and the
   tables report test top-1, mean ± std over these 4 distinct seeds. Test is never looked at to choose.
 
@@ -95,7 +98,29 @@ def in_grid(config: dict, axes: list[str]) -> bool:
     return True
 
 
-def chosen(folder: Path, axes: list[str]) -> dict | None:
+def lr_extension(axes: list[str], config: dict) -> list[str] | None:
+    """The axes of one more lr step past the grid's edge when ``config`` (the grid's choice) sits on
+    it; None when it is inside."""
+    index = next(i for i, a in enumerate(axes) if a.startswith("optimizer.lr="))
+    lrs = [load_yaml(v) for v in axes[index].split("=", 1)[1].split(",")]
+    ratio = lrs[1] / lrs[0]
+    if config["optimizer.lr"] == max(lrs):
+        step = max(lrs) * ratio
+    elif config["optimizer.lr"] == min(lrs):
+        step = min(lrs) / ratio
+    else:
+        return None
+    return [*axes[:index], f"optimizer.lr={step:.4g}", *axes[index + 1 :]]
+
+
+def stage1_grids(folder: Path, axes: list[str]) -> list[list[str]]:
+    """The stage-1 grid, and its lr extension when the grid's choice sits on an edge."""
+    first = chosen(folder, [axes])
+    extension = lr_extension(axes, first) if first is not None else None
+    return [axes] if extension is None else [axes, extension]
+
+
+def chosen(folder: Path, grids: list[list[str]]) -> dict | None:
     """The stage-1 configuration chosen on validation: among the grid's seed-0 runs, the one with the
     highest top-1 on the validation split at its last epoch (ties: the lower validation loss);
     diverged runs are not chosen."""
@@ -105,7 +130,7 @@ def chosen(folder: Path, axes: list[str]) -> dict | None:
     runs = [
         r
         for r in json.loads(manifest.read_text())["records"]
-        if r["seed"] == 0 and r["status"] == "done" and in_grid(r["config"], axes)
+        if r["seed"] == 0 and r["status"] == "done" and any(in_grid(r["config"], axes) for axes in grids)
     ]
     if not runs:
         return None
@@ -139,8 +164,15 @@ def main() -> None:
         folder = args.root / name
         if args.stage == 1:
             command = sweep_command(recipe, axes, "0", folder, args.jobs)
+            print(shlex.join(command), flush=True)
+            if args.action == "run":
+                subprocess.run(command, check=False)
+            extension = stage1_grids(folder, axes)[1:]
+            if not extension:
+                continue
+            command = sweep_command(recipe, extension[0], "0", folder, args.jobs)
         else:
-            config = chosen(folder, axes)
+            config = chosen(folder, stage1_grids(folder, axes))
             if config is None:
                 print(f"# {name}: no stage-1 result yet", file=sys.stderr)
                 continue
