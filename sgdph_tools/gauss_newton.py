@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import checks
 from .hessian import gradients_only_for, module_buffers_restored, rng_preserved
 
 __all__ = ["gauss_newton_bartlett", "ggn_vector_product", "GGNVectorProduct", "SubBatchGNB"]
@@ -52,12 +53,7 @@ def _check_logits(logits: Tensor) -> None:
 
 
 def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
-    if isinstance(params, Tensor):
-        raise TypeError("params must be a list of tensors, not one tensor: pass [tensor]")
-    params = list(params)
-    if not all(isinstance(p, Tensor) and p.requires_grad for p in params):
-        raise ValueError("every parameter must be a tensor with requires_grad=True")
-    return params
+    return checks.tensor_list("params", params, requires_grad=True)
 
 
 def gauss_newton_bartlett(
@@ -68,6 +64,7 @@ def gauss_newton_bartlett(
     ``logits`` is kept for the caller. ``generator``'s device is where the labels are drawn."""
     _check_logits(logits)
     params = _check_params(params)
+    checks.generator("generator", generator)
     probs = torch.softmax(logits.detach().float(), dim=1)
     device = generator.device if generator is not None else probs.device
     labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
@@ -109,11 +106,8 @@ def ggn_vector_product(logits: Tensor, params: Sequence[Tensor], vectors: Sequen
     """``G v`` restricted to ``params``: one vector per parameter, same shapes; exact, no second
     derivative of the network. ``logits`` (``[B, C]``) carries the graph to ``params``, kept."""
     params = _check_params(params)
-    if isinstance(vectors, Tensor) or len(vectors) != len(params):
-        raise ValueError("vectors must be a list with one tensor per parameter")
-    for p, v in zip(params, vectors):
-        if v.shape != p.shape:
-            raise ValueError(f"a vector of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+    vectors = checks.tensor_list("vectors", vectors)
+    checks.same_shapes("vectors", vectors, "params", params)
     engine = GGNVectorProduct(logits, params)
     return engine(dict(enumerate(vectors)), range(len(params)))
 

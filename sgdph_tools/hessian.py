@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import checks
+
 ESTIMATORS = ("rowsum", "hutchinson", "diagonal")
 ENGINES = ("autograd", "finite_difference")
 
@@ -356,13 +358,14 @@ def partial_hessian(
     Returns:
         One tensor per parameter, same shape, detached (plain values, no graph).
     """
+    checks.function("loss_fn", loss_fn, "runs the forward pass and returns the loss")
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("engine", engine, ENGINES)
-    params = list(params)
+    params = checks.tensor_list("params", params, requires_grad=True)
+    checks.generator("generator", generator)
+    buffers = checks.tensor_list("buffers", buffers)
     if not params:
         return []
-    if not all(p.requires_grad for p in params):
-        raise ValueError("partial_hessian: every parameter must have requires_grad=True")
     replay = ForwardReplay(loss_fn, {p.device for p in params}, buffers)
     create_graph = engine == "autograd"
     with torch.enable_grad():

@@ -455,7 +455,22 @@ def _check_semantics(recipe: Recipe) -> None:
         )
 
 
+def _check_overrides(overrides: Any) -> list[str]:
+    if isinstance(overrides, str):
+        raise TypeError(
+            f"overrides must be a list of 'section.key=value' strings, not one string: pass [{overrides!r}]"
+        )
+    overrides = list(overrides)
+    for text in overrides:
+        if not isinstance(text, str):
+            raise TypeError(f"each override must be a 'section.key=value' string, got {type(text).__name__}")
+    return overrides
+
+
 def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
+    if data is not None and not isinstance(data, dict):
+        raise TypeError(f"data must be a dict of recipe sections (model, data, ...), got {type(data).__name__}")
+    overrides = _check_overrides(overrides)
     data = copy.deepcopy(dict(data or {}))
     overridden = set()
     for text in overrides:
@@ -477,6 +492,9 @@ def _written_keys(data: dict, overrides: list[str]) -> set[str]:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a recipe file's path, got {type(path).__name__}")
+    overrides = _check_overrides(overrides)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such recipe file: {path}")

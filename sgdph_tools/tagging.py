@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from . import module_kinds
+from . import checks, module_kinds
 
 # Parameter kinds.
 NORM_WEIGHT = "norm_weight"  # gamma of BN/LN/GN/IN/RMSNorm and timm's norm classes
@@ -114,6 +114,7 @@ def tag_parameters(model: nn.Module) -> dict[str, ParamTag]:
     (``second_order`` for the channel-wise 1-D kinds, ``first_order`` otherwise; the classifier bias
     is first-order, see the module docstring).
     """
+    checks.module("model", model)
     classifier = find_classifier(model)
     tags: dict[str, ParamTag] = {}
     seen: set[int] = set()  # shared parameters are tagged once, under their first name

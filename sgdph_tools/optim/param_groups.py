@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
+from .. import checks
 from ..tagging import CHANNELWISE_KINDS, KINDS, SECOND_ORDER, WEIGHT, tag_parameters
 
 #: The kinds that may be given the second-order step (kernels are not channel-wise 1-D).
@@ -57,7 +58,8 @@ def sgdph_param_groups(
         ``[{"params": [...], "second_order": True, "param_names": [...]}, {... False ...}]``; empty
         groups are left out.
     """
-    kinds = _check_kinds(second_order_kinds)
+    checks.module("model", model)
+    kinds = _check_kinds(checks.names("second_order_kinds", second_order_kinds))
     params = dict(model.named_parameters())
     second, first = ([], []), ([], [])
     for name, tag in tag_parameters(model).items():

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd as sgd_functional
 
-from .. import distributed
+from .. import checks, distributed
 from ..gauss_newton import GGNVectorProduct, SubBatchGNB, gauss_newton_bartlett
 from ..hessian import (
     ENGINES,
@@ -213,6 +213,17 @@ class SGDPH(Optimizer):
         foreach: bool | None = None,
         model: nn.Module | None = None,
     ):
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of tensors or param-group dicts, not one tensor: pass [tensor]")
+        for name, value in (
+            ("lr", lr),
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+            ("so_lr", so_lr),
+            ("hessian_momentum", hessian_momentum),
+            *([("eps", eps)] if eps is not None else []),
+        ):
+            checks.number(name, value)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("so_lr", so_lr)):
             if not value >= 0.0:
                 raise ValueError(f"invalid {name}: {value} (must be >= 0)")

@@ -127,6 +127,9 @@ def load_model(
     ``img_size`` is passed to architectures that fix their input size (ViTs). Returns
     ``(model, spec, conversion)``; ``conversion`` is None unless the source was converted.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a checkpoint path or a model name, got {type(source).__name__}")
+    source = os.fspath(source)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     path = Path(source)

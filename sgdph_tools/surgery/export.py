@@ -8,6 +8,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from .. import checks
 from ..errors import UserError
 from ..models.factory import ModelSpec, create_model
 from .rewrite import bake_model, eval_output, example_input_for, verify_outputs
@@ -23,6 +24,9 @@ def export_plain(
     norm layers were stripped has no plain equivalent (its norms are gone): also an error.
     Returns ``(state_dict, max_abs_error)``; the error is measured on the fresh plain model.
     """
+    checks.module("model", model)
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec (ModelSpec.parse(name, **kwargs)), got {type(spec).__name__}")
     img_size = img_size or spec.kwargs.get("img_size") or spec.kwargs.get("image_size")
     x = example_input_for(model, img_size)
     expected = eval_output(model, x)

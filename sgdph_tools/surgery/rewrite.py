@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import module_kinds
+from .. import checks, module_kinds
 from ..errors import UserError
 from .graph import analyse
 from .wn_layers import to_weight_norm, unconvertible_reason
@@ -113,7 +113,8 @@ def _input_channels(model: nn.Module, first_conv: str | None) -> int | None:
     modules = dict(model.named_modules())
     named = modules.get(first_conv) if isinstance(first_conv, str) else None
     for module in ([named] if named is not None else []) + list(modules.values()):
-        if isinstance(module, nn.modules.conv._ConvNd):
+        # a convolution, or a decoupled one (WNConv keeps the conv's attributes)
+        if isinstance(getattr(module, "in_channels", None), int) and getattr(module, "kernel_size", None):
             return module.in_channels
     return None
 
@@ -182,7 +183,12 @@ def convert(
     Returns:
         ``(model, report)``; the report lists every conv/linear with its decision and reason.
     """
-    exclude = list(exclude)
+    checks.module("model", model)
+    exclude = checks.names("exclude", exclude)
+    if layers is not None:
+        layers = checks.names("layers", layers)
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor (a batch the model takes), got {type(example_input).__name__}")
     stripped = strip_norms(model) if strip_norm else []
     if verify and example_input is None:
         example_input = example_input_for(model)
