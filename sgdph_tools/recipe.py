@@ -117,8 +117,17 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.as_dict(), sort_keys=False)
+    def to_yaml(self, applicable_only: bool = False) -> str:
+        """Every key (what a run records); ``applicable_only``: without the keys the chosen
+        optimizer, schedule and dataset do not use (what ``--dry-run`` shows)."""
+        data = self.as_dict()
+        if applicable_only:
+            for section, rules in APPLIES_TO.items():
+                name = data[section]["name"]
+                for key, names in rules.items():
+                    if name not in names:
+                        del data[section][key]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -24,7 +24,10 @@ def convert_command(
         ..., help="timm model name (resnet18, vgg19_nobn, ...), torchvision:NAME, or a plain checkpoint with --model."
     ),
     wn: bool = typer.Option(
-        True, "--wn/--no-wn", help="Decouple every conv/linear that feeds no norm into gamma · V/||V|| + bias."
+        True,
+        "--wn/--no-wn",
+        help="Decouple every conv/linear that feeds no norm into gamma · V/||V|| + bias (the default); "
+        "--no-wn with --strip-norm: only strip the norms.",
     ),
     strip_norm: bool = typer.Option(
         False, "--strip-norm", help="First replace every norm layer by an identity (a 'without BN' variant)."
@@ -41,6 +44,11 @@ def convert_command(
     show_layers: bool = typer.Option(False, "--layers", help="Print the decision for every conv/linear layer."),
 ) -> None:
     """Decouple a model's conv/linear layers that no norm follows, verify, and save a checkpoint."""
+    if not wn and not strip_norm:
+        raise UserError(
+            "--no-wn without --strip-norm would leave the model as it is: drop --no-wn to decouple, add "
+            "--strip-norm to only strip the norms, or see what would be decoupled with `sgdph inspect MODEL`"
+        )
     net, spec, conversion = load_model(model, model_name=arch, num_classes=num_classes, img_size=img_size)
     if conversion is not None:
         raise UserError(f"{model} is already a converted checkpoint; convert the original model instead")

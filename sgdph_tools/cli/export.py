@@ -21,7 +21,7 @@ def export_command(
     img_size: int | None = typer.Option(None, "--img-size", help="Input size for the verification."),
 ) -> None:
     """Fold every gamma · V/||V|| layer into a plain conv/linear and write a state_dict that
-    `timm.create_model(name)` loads; outputs are verified unchanged."""
+    the original architecture (timm's or torchvision's) loads; outputs are verified unchanged."""
     net, spec, conversion = load_model(checkpoint)
     if conversion is None:
         raise UserError(f"{checkpoint} is not a converted checkpoint: there is nothing to bake")
@@ -31,4 +31,8 @@ def export_command(
         f"baked {len(conversion['layers'])} layers of {spec.display_name}; "
         f"verification: max |output difference| = {max_error:.3g}"
     )
-    console.print(f"wrote {output} (load with timm.create_model('{spec.name}', **{spec.kwargs}).load_state_dict(...))")
+    if spec.source == "torchvision":
+        how = f"torchvision.models.get_model('{spec.name}', weights=None, **{spec.kwargs})"
+    else:
+        how = f"timm.create_model('{spec.name}', **{spec.kwargs})"
+    console.print(f"wrote {output} (load with {how}.load_state_dict(torch.load(...)))")

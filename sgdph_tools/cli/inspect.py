@@ -32,8 +32,10 @@ def inspect_command(
         False, "--strip-norm", help="For a model name: as `convert --strip-norm` would make it."
     ),
     exclude: list[str] = typer.Option([], "--exclude", "-x", help="As for convert."),
-    num_classes: int | None = typer.Option(None, "--num-classes"),
-    img_size: int | None = typer.Option(None, "--img-size"),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Classifier size (model names only)."),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size for the analysis (and for models that fix it, e.g. ViTs)."
+    ),
     arch: str | None = typer.Option(None, "--model", help="Architecture of a plain state_dict checkpoint."),
     show_layers: bool = typer.Option(False, "--layers", help="Also print the decision for every conv/linear layer."),
 ) -> None:

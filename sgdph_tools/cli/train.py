@@ -47,7 +47,7 @@ def train_command(
 
         check_buildable(resolved)
         console.print(f"# {recipe_path} resolved with {len(overrides or [])} override(s); valid", style="dim")
-        print(resolved.to_yaml(), end="")
+        print(resolved.to_yaml(applicable_only=True), end="")
         return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_torchrun(nproc, recipe_path, overrides or [], resume, allow_changes))

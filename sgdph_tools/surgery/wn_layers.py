@@ -2,7 +2,7 @@
 
 Each layer owns ``direction`` (V, the old weight's shape), ``gamma`` (1-D, one per output channel) and
 ``bias`` (1-D; zeros when the old layer had none) — plain parameters with plain names, so they pickle,
-load by state_dict and are tagged ``weight`` / ``wn_gamma`` / ``bias``. ``from_layer`` builds one from
+load by state_dict and are tagged ``weight`` / ``wn_gamma`` / ``bias``. ``to_weight_norm`` builds one from
 an ``nn.Conv1d/2d/3d`` (grouped and depthwise included) or ``nn.Linear`` with identical outputs
 (gamma = the per-channel norm of the old weight); ``bake`` folds it back into the plain layer.
 

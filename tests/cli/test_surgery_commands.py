@@ -7,6 +7,7 @@ import json
 import timm
 import torch
 
+from sgdph_tools.errors import UserError
 from sgdph_tools.surgery.checkpoint import load_model
 from tests.cli.helpers import invoke, sgdph
 
@@ -87,3 +88,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "no such checkpoint file" in r.stderr
     r = sgdph("convert", "vgg19_nbn", env={"SGDPH_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr  # the debug variable shows it
+
+
+def test_convert_no_wn_alone_is_refused_and_export_names_the_right_loader(tmp_path):
+    result = invoke("convert", "small_cnn_nobn", "--no-wn")
+    assert isinstance(result.exception, UserError) and "--no-wn without --strip-norm" in str(result.exception)
+    out = tmp_path / "r.pt"
+    assert (
+        invoke("convert", "torchvision:resnet18", "--num-classes", "3", "--img-size", "32", "-o", str(out)).exit_code
+        == 0
+    )
+    result = invoke("export", str(out), "-o", str(tmp_path / "plain.pt"), "--img-size", "32")
+    assert result.exit_code == 0, result.output
+    assert "torchvision.models.get_model('resnet18'" in result.output and "timm.create_model" not in result.output

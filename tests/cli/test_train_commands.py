@@ -17,6 +17,9 @@ def test_dry_run_prints_the_resolved_recipe():
     result = invoke("train", QUICK, "--dry-run", "optimizer.lr=0.05", "trainer.epochs=1")
     assert result.exit_code == 0, result.output
     assert "lr: 0.05" in result.output and "epochs: 1" in result.output and "valid" in result.output
+    # only the keys that apply: digits knows its classes, SGD-PH takes no betas, cosine no milestones
+    for absent in ("num_classes:", "betas:", "milestones:", "root:"):
+        assert absent not in result.output
 
 
 def test_train_then_report(tmp_path):
