@@ -120,14 +120,29 @@ def _print_report(per_run: list[dict], per_experiment: list[dict]) -> None:
         )
     console.print(table)
     table = Table(title="experiments (mean ± std over seeds; diverged runs excluded and counted)", title_justify="left")
-    for column in ("experiment", "runs", "diverged", "final top-1", "top-1 at best val"):
+    for column in ("experiment", "processes", "runs", "distinct seeds", "diverged", "final top-1", "top-1 at best val"):
         table.add_column(column)
     for e in per_experiment:
         table.add_row(
             e["experiment"],
+            str(e["world_size"] or "?"),
             str(e["runs"]),
+            str(e["distinct_seeds"]),
             str(e["diverged"]),
-            e["final_acc1"] or "-",
-            e["test_acc1_at_best_val"] or "-",
+            _mean_std(e["final_acc1_mean"], e["final_acc1_std"]),
+            _mean_std(e["test_acc1_at_best_val_mean"], e["test_acc1_at_best_val_std"]),
         )
     console.print(table)
+    for e in per_experiment:
+        if e["repeated_seeds"]:
+            console.print(
+                f"note: {e['experiment']}: seed(s) {e['repeated_seeds']} appear more than once; the ± is over "
+                f"{e['runs']} runs of {e['distinct_seeds']} distinct seeds, not over independent seeds",
+                style="yellow",
+            )
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"

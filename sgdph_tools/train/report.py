@@ -74,10 +74,20 @@ class Run:
         rule = "authors" if o.get("authors_code") else o.get("rule", "paper")
         return f"sgdph {estimator} {rule}"
 
+    @property
+    def world_size(self) -> int | None:
+        """The processes it trained on (None: a run older than that record that trained with DDP)."""
+        if not self.rows:
+            return None
+        first = self.rows[0]
+        return first.get("world_size", None if "replicas_in_sync" in first else 1)
+
     def experiment_settings(self) -> dict[str, Any]:
-        """The recipe without seed, name and output folder: equal settings are repeats."""
+        """The full resolved recipe without seed, name and output folder, plus the world size:
+        equal settings are repeats (a DDP run is not a repeat of a single-process one)."""
         recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.recipe.items()}
         recipe["trainer"] = {k: v for k, v in recipe["trainer"].items() if k not in _SEED_ONLY}
+        recipe["trainer"]["world_size"] = self.world_size
         return recipe
 
     def experiment_key(self) -> str:
@@ -113,12 +123,6 @@ def load_run(path: Path) -> Run:
     return Run(path, with_defaults(yaml.safe_load(recipe_file.read_text())), rows, diverged)
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def _group(runs: list[Run]) -> list[list[Run]]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -150,16 +154,22 @@ def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
     for members in _group(runs):
         finished = [m for m in members if not m.diverged]
         selected = [m.selected() for m in finished]
+        seeds = [m.seed for m in members]
+        final = [m.final["test_acc1"] for m in finished]
+        at_best = [s["test_acc1"] for s in selected] if selected and all(selected) else []
         per_experiment.append(
             {
                 "experiment": members[0].label,
+                "world_size": members[0].world_size,
                 "runs": len(members),
-                "seeds": [m.seed for m in members],
+                "seeds": seeds,
+                "distinct_seeds": len(set(seeds)),
+                "repeated_seeds": sorted({s for s in seeds if seeds.count(s) > 1}),
                 "diverged": len(members) - len(finished),
-                "final_acc1": mean_std([m.final["test_acc1"] for m in finished]) if finished else None,
-                "test_acc1_at_best_val": (
-                    mean_std([s["test_acc1"] for s in selected]) if selected and all(selected) else None
-                ),
+                "final_acc1_mean": statistics.mean(final) if final else None,
+                "final_acc1_std": statistics.stdev(final) if len(final) > 1 else None,
+                "test_acc1_at_best_val_mean": statistics.mean(at_best) if at_best else None,
+                "test_acc1_at_best_val_std": statistics.stdev(at_best) if len(at_best) > 1 else None,
             }
         )
     return per_run, per_experiment

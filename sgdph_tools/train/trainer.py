@@ -337,6 +337,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - start,
             }
+            row["world_size"] = self.world  # processes: reports keep DDP and single-process runs apart
             if self.world > 1:
                 row["replicas_in_sync"] = self._replicas_in_sync()
             self._end_epoch(epoch, row)

@@ -38,7 +38,9 @@ def test_train_then_report(tmp_path):
     )
     data = json.loads(result.output)
     assert data["format"] == "sgdph-tools/report" and [r["seed"] for r in data["runs"]] == [0, 1]
-    assert data["records"][0]["runs"] == 2 and "±" in data["records"][0]["final_acc1"]
+    record = data["records"][0]
+    assert record["runs"] == 2 and record["distinct_seeds"] == 2 and record["world_size"] == 1
+    assert isinstance(record["final_acc1_mean"], float) and isinstance(record["final_acc1_std"], float)
     assert (tmp_path / "cmp.png").is_file()
     result = invoke("report", str(tmp_path / "quickstart-s0"))
     assert "quickstart-s0" in result.output and "mean ± std" in result.output

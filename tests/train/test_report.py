@@ -7,7 +7,7 @@ import yaml
 
 from sgdph_tools.errors import UserError
 from sgdph_tools.recipe import recipe_from_dict
-from sgdph_tools.train.report import best_per_contender, load_run, mean_std, plot_against_lr, plot_comparison, summarize
+from sgdph_tools.train.report import best_per_contender, load_run, plot_against_lr, plot_comparison, summarize
 
 
 def fake_run(
@@ -60,8 +60,8 @@ def test_runs_that_differ_only_by_seed_are_averaged(tmp_path):
     assert len(per_experiment) == 2
     ph = next(e for e in per_experiment if "sgdph" in e["experiment"])
     assert ph["runs"] == 2 and ph["seeds"] == [0, 1]
-    assert ph["final_acc1"] == "71.00 ± 4.24"  # sample standard deviation of 68 and 74
-    assert mean_std([1.5]) == "1.50"
+    assert ph["final_acc1_mean"] == 71.0 and round(ph["final_acc1_std"], 2) == 4.24  # sample std of 68 and 74
+    assert ph["world_size"] == 1 and ph["distinct_seeds"] == 2 and ph["repeated_seeds"] == []
     plot_comparison(runs, tmp_path / "cmp.png")
     assert (tmp_path / "cmp.png").stat().st_size > 1000
 
@@ -85,8 +85,8 @@ def test_the_selected_epoch_is_the_best_on_validation_never_on_test(tmp_path):
         (3, 70, 60),
         (3, 71, 60),
     ]
-    assert per_experiment[0]["test_acc1_at_best_val"] == "60.00 ± 0.00"
-    assert per_experiment[0]["final_acc1"] == "55.00 ± 0.00"
+    assert (per_experiment[0]["test_acc1_at_best_val_mean"], per_experiment[0]["test_acc1_at_best_val_std"]) == (60, 0)
+    assert (per_experiment[0]["final_acc1_mean"], per_experiment[0]["final_acc1_std"]) == (55, 0)
 
 
 def test_a_run_recorded_before_a_key_existed_groups_with_newer_runs_at_its_default(tmp_path):
@@ -147,3 +147,22 @@ def test_validation_ties_go_to_the_lower_validation_loss(tmp_path):
     )
     assert run.selected()["epoch"] == 3  # epochs 2 and 3 reach 100%; epoch 3 has the lower loss
     assert run.selected("val_loss")["epoch"] == 4  # the lowest loss alone
+
+
+def test_groups_keep_world_size_apart_and_say_when_seeds_repeat(tmp_path):
+    def with_world(folder, world):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({**r, "world_size": world}) + "\n" for r in rows))
+        return folder
+
+    runs = [
+        load_run(with_world(fake_run(tmp_path, "one-s0", 0, [60]), 1)),
+        load_run(with_world(fake_run(tmp_path, "one-again-s0", 0, [64]), 1)),  # the same seed once more
+        load_run(with_world(fake_run(tmp_path, "ddp-s0", 0, [62]), 2)),  # the same recipe on 2 processes
+    ]
+    _, per_experiment = summarize(runs)
+    by_world = {e["world_size"]: e for e in per_experiment}
+    assert set(by_world) == {1, 2}
+    assert by_world[1]["runs"] == 2 and by_world[1]["distinct_seeds"] == 1 and by_world[1]["repeated_seeds"] == [0]
+    assert by_world[2]["runs"] == 1 and by_world[2]["final_acc1_mean"] == 62
+    assert json.loads(json.dumps(per_experiment)) == per_experiment  # numbers stay numbers in JSON
