@@ -100,6 +100,7 @@ class TrainerCfg:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (not with double backward)
     grad_clip: float | None = None  # max gradient norm
+    threads: int | None = None  # CPU threads per process; null: the usable CPUs split over this machine's processes
     divergence_factor: float | None = 10.0  # stop when the loss stays above this x its start (null: off)
     divergence_patience: int = 3  # ... for this many progress checks (log_every iterations each) in a row
     log_every: int = 10  # progress refresh, iterations
@@ -327,6 +328,8 @@ def _check_ranges(recipe: Recipe) -> None:
     _in_range("trainer.divergence_factor", t.divergence_factor, 1, inf, closed_low=False)
     if t.divergence_patience < 1:
         raise UserError(f"recipe key 'trainer.divergence_patience' must be at least 1, got {t.divergence_patience}")
+    if t.threads is not None and t.threads < 1:
+        raise UserError(f"recipe key 'trainer.threads' must be at least 1 (or null: automatic), got {t.threads}")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise UserError(f"recipe key 'trainer.eval_batch_size' must be at least 1, got {t.eval_batch_size}")
     for key, value in (("data.img_size", d.img_size), ("data.num_train", d.num_train), ("data.num_test", d.num_test)):

@@ -24,7 +24,7 @@ from ..recipe import with_defaults
 from .metrics import DIVERGED, read_metrics, validation_rank
 
 # What may differ between runs that count as repeats of one experiment.
-_SEED_ONLY = {"seed", "name", "output_dir", "progress", "log_every"}
+_SEED_ONLY = {"seed", "name", "output_dir", "progress", "log_every", "threads"}
 
 #: ``--by`` choices: the metrics key, whether larger is better, and how a run's epochs rank (larger
 #: is better; top-1 ties go to the lower loss, as for best.pt).

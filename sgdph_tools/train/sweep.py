@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ..cpu import threads_per_process
 from ..errors import UserError
 from ..io import remove_stale_temporaries
 from ..recipe import load_recipe, parse_override, recipe_from_dict, with_defaults
@@ -215,7 +216,7 @@ def _train_one(base: str, overrides: list[str], threads: int) -> dict[str, Any]:
     from . import Trainer
     from .loop import Diverged
 
-    recipe = load_recipe(base, overrides)
+    recipe = load_recipe(base, [*overrides, f"trainer.threads={threads}"])
     run_dir = Path(recipe.trainer.output_dir) / recipe.trainer.name
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -229,11 +230,9 @@ def _train_one(base: str, overrides: list[str], threads: int) -> dict[str, Any]:
 
 
 def threads_per_job(jobs: int, cpus: int | None = None) -> int:
-    """The CPU threads each of ``jobs`` parallel runs gets: the machine's cores (those this process
-    may use) split evenly, at least one."""
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // jobs)
+    """The CPU threads each of ``jobs`` parallel runs gets: the CPUs this process may use (affinity
+    and cgroup quota) split evenly, at least one."""
+    return threads_per_process(jobs, cpus)
 
 
 def run_sweep(sweep: Sweep, jobs: int, on_event: Callable[[str, PlannedRun], None] = lambda e, r: None) -> None:

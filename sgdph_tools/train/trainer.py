@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import distributed
+from ..cpu import threads_per_process
 from ..data.datasets import build_datasets, build_loaders, describe_data
 from ..errors import UserError
 from ..io import atomic_write_text, remove_stale_temporaries
@@ -32,7 +33,7 @@ from .optimizers import build_optimizer, build_scheduler
 from .state import load_training_state, save_training_state, set_rng_state
 
 # Keys that may differ between a run and its resumption: freely (they change nothing computed) ...
-_RESUME_FREE = {("trainer", "progress"), ("trainer", "log_every"), ("data", "num_workers")}
+_RESUME_FREE = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "threads"), ("data", "num_workers")}
 # ... and with --allow-changes (the usual advice after a divergence: lower lr, clip, train longer).
 # The rest -- model, data, seed, the optimizer's kind and estimator -- define the run: changing them
 # is a new run, not a continuation.
@@ -129,6 +130,9 @@ class Trainer:
         if t.precision == "bf16" and use_cuda and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 is not supported by this GPU; use fp16 or fp32")
         self.run_dir = Path(t.output_dir) / t.name
+        # CPU threads: the usable CPUs split over the processes torchrun started on this machine.
+        self.threads = t.threads or threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(self.threads)
         torch.manual_seed(t.seed)  # the same initial weights on every process
 
         # Data: the global batch is split over processes.
@@ -288,8 +292,8 @@ class Trainer:
             (self.run_dir / DIVERGED).unlink(missing_ok=True)  # a new attempt: not diverged (yet)
         _log(
             f"training {self.spec.display_name} on {self.recipe.data.name} with {self.recipe.optimizer.name}: "
-            f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) on {self.device.type}, "
-            f"{t.precision}; output {self.run_dir}"
+            f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) on {self.device.type} "
+            f"({self.threads} CPU thread(s) each), {t.precision}; output {self.run_dir}"
         )
         progress = _Progress(enabled=t.progress and self.rank == 0, total=len(self.loaders.train))
         for epoch in range(self.start_epoch, t.epochs):

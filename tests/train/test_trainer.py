@@ -294,3 +294,14 @@ def test_the_model_gets_the_datas_channels_whatever_its_own_default(tmp_path):
     trainer = Trainer(recipe)
     assert trainer.model.features[0][0].in_channels == 3 and trainer.spec.kwargs["in_chans"] == 3
     assert trainer.run()[0]["test_acc1"] >= 0.0
+
+
+def test_the_run_header_says_how_many_cpu_threads_and_the_recipe_can_set_them(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(small_recipe(tmp_path, "trainer.epochs=1", "trainer.threads=1"))
+        assert trainer.threads == 1 and torch.get_num_threads() == 1
+        trainer.run()
+        assert "(1 CPU thread(s) each)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
