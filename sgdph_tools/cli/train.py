@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -50,13 +53,16 @@ def train_command(
         print(resolved.to_yaml(applicable_only=True), end="")
         return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_torchrun(nproc, recipe_path, overrides or [], resume, allow_changes))
+        run_dir = Path(resolved.trainer.output_dir) / str(resolved.trainer.name)
+        raise typer.Exit(_launch_torchrun(nproc, recipe_path, overrides or [], resume, allow_changes, run_dir))
     from ..train import Trainer  # heavy imports only when training
 
     Trainer(resolved, resume=resume, allow_changes=allow_changes).run()
 
 
-def _launch_torchrun(nproc: int, recipe: Path, overrides: list[str], resume: bool, allow_changes: bool) -> int:
+def _launch_torchrun(
+    nproc: int, recipe: Path, overrides: list[str], resume: bool, allow_changes: bool, run_dir: Path
+) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine."""
     command = (
         [
@@ -75,4 +81,42 @@ def _launch_torchrun(nproc: int, recipe: Path, overrides: list[str], resume: boo
         + (["--allow-changes"] if allow_changes else [])
     )
     console.print(f"launching {nproc} processes: {' '.join(command[1:])}", style="dim")
-    return subprocess.call(command)
+    return run_process_group(command, run_dir)
+
+
+#: Seconds the processes get to stop after a forwarded SIGINT/SIGTERM before they are killed.
+STOP_GRACE_SECONDS = 10.0
+
+
+def run_process_group(command: list[str], run_dir: Path | None = None) -> int:
+    """Run ``command`` (torchrun) in a process group of its own and wait for it. SIGINT or SIGTERM to
+    this process goes to the whole group -- torchrun and every worker -- so none is left running;
+    whatever has not stopped after ``STOP_GRACE_SECONDS`` is killed. Returns the command's exit code,
+    or 128 + the signal's number when a signal stopped it (non-zero either way)."""
+    proc = subprocess.Popen(command, start_new_session=True)
+    received: list[tuple[int, float]] = []  # (signal, when)
+
+    def forward(signum, _frame):
+        received.append((signum, time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if received and time.monotonic() - received[0][1] > STOP_GRACE_SECONDS:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived torchrun
+            os.killpg(proc.pid, signal.SIGKILL)
+        signum = received[0][0]
+        last = run_dir / "last.pt" if run_dir is not None else None
+        where = f"; continue with --resume (from {last})" if last is not None and last.exists() else ""
+        console.print(f"stopped by {signal.Signals(signum).name}: every process ended{where}", style="yellow")
+        return 128 + signum
+    return proc.returncode

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from sgdph_tools.train.metrics import read_metrics
+from sgdph_tools.train.state import load_training_state
 from tests.cli.helpers import sgdph
 
 RECIPE = """\
@@ -37,3 +46,52 @@ def test_two_processes_end_identical(tmp_path, engine):
     assert len(rows) == 2
     assert all(r["replicas_in_sync"] for r in rows)  # sha256 of every parameter and buffer, all-gathered
     assert rows[-1]["test_acc1"] > 80.0
+
+
+def _processes_in(folder) -> list[int]:
+    """PIDs of the processes whose working directory is ``folder`` (the launcher, torchrun, workers)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(proc / "cwd") == str(folder):
+                    pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_every_process_and_the_run_resumes(tmp_path, sig):
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    run = tmp_path / "runs" / "recipe-s0"
+    args = [sys.executable, "-m", "sgdph_tools", "train", "recipe.yaml", "--nproc", "2"]
+    overrides = ["trainer.epochs=40", "optimizer.estimator=rowsum", f"trainer.output_dir={tmp_path / 'runs'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        args + overrides, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 180
+    while not (run / "last.pt").exists():  # one epoch done: a checkpoint to resume from
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read().decode()
+        time.sleep(0.5)
+    launcher.send_signal(sig)
+    output = launcher.communicate(timeout=30)[0].decode()
+    assert launcher.returncode == 128 + sig, output
+    assert f"stopped by {sig.name}: every process ended; continue with --resume" in output
+    time.sleep(1)
+    assert _processes_in(tmp_path) == []  # no orphaned worker
+    done = load_training_state(run / "last.pt")["epoch"]
+    if sig == signal.SIGINT:
+        return  # one resume is enough (each launch costs seconds of the suite)
+    resumed = sgdph(
+        *args[3:],
+        *overrides[:-1],
+        overrides[-1],
+        f"trainer.epochs={done + 1}",
+        "--resume",
+        "--allow-changes",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, done + 2))
