@@ -49,6 +49,7 @@ def save_training_state(
     best_val_loss: float,
     device: torch.device,
     loss_reference: float | None = None,
+    world_size: int = 1,
 ) -> Path:
     return atomic_save(
         {
@@ -67,6 +68,7 @@ def save_training_state(
             "best_val_acc1": best_val_acc1,  # -inf without a validation set
             "best_val_loss": best_val_loss,  # its validation loss (the tie-break); inf without one
             "loss_reference": loss_reference,  # the divergence guard's starting loss (None: not yet)
+            "world_size": world_size,  # processes it trained on (resuming on another count is a change)
         },
         path,
     )

@@ -221,11 +221,21 @@ class Trainer:
                 f"(only {', '.join(RESUME_ADJUSTABLE)} may change on resume): resume with the same recipe "
                 "and overrides, or start a new run (another trainer.name)"
             )
+        saved_world = state.get("world_size", self.world)
+        if saved_world != self.world:
+            changed = [*changed, "world_size"]
         if changed and not allow_changes:
+            world = (
+                f" (it was trained on {saved_world} process(es) and is resumed on {self.world}: the global batches "
+                "stay the same, but BatchNorm statistics, kept per process, and the order of floating-point sums "
+                "change, so the continuation is not bit-identical)"
+                if "world_size" in changed
+                else ""
+            )
             raise UserError(
-                f"the recipe differs from the run being resumed in {', '.join(changed)}: to continue with the "
-                "new values add --allow-changes (the change is recorded in metrics.jsonl), or resume with "
-                "the same recipe and overrides"
+                f"the run being resumed differs in {', '.join(changed)}{world}: to continue with the new values "
+                "add --allow-changes (the change is recorded in metrics.jsonl), or resume with the same recipe, "
+                "overrides and process count"
             )
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -238,10 +248,10 @@ class Trainer:
         if self.rank == 0:  # (also drops a line torn by a kill during its write)
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start_epoch)
         if changed:
-            self._apply_changes(saved, changed, self.start_epoch)
+            self._apply_changes(saved, changed, self.start_epoch, saved_world)
         _log(f"resumed {self.run_dir} after epoch {self.start_epoch}")
 
-    def _apply_changes(self, saved: dict, changed: list[str], epoch: int) -> None:
+    def _apply_changes(self, saved: dict, changed: list[str], epoch: int, saved_world: int) -> None:
         """Hyperparameters the checkpoint's optimizer and scheduler states restored at their old
         values get the recipe's new ones; the change is recorded in metrics.jsonl."""
         o = self.recipe.optimizer
@@ -267,7 +277,9 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     if key in group:
                         group[key] = value
-        changes = {k: [_dotted(saved, k), _dotted(self.recipe.as_dict(), k)] for k in changed}
+        changes = {k: [_dotted(saved, k), _dotted(self.recipe.as_dict(), k)] for k in changed if k != "world_size"}
+        if "world_size" in changed:
+            changes["world_size"] = [saved_world, self.world]
         if self.rank == 0:
             append_metrics(self.run_dir / "metrics.jsonl", {"epoch": epoch, "event": "resumed", "changes": changes})
         _log(f"resuming with changes: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}")
@@ -383,6 +395,7 @@ class Trainer:
             best_val_loss=-self.best_val[1],
             device=self.device,
             loss_reference=self.guard.reference,
+            world_size=self.world,
         )
         save_training_state(self.run_dir / "last.pt", **state)
         if is_best:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,3 +96,37 @@ def test_a_signal_to_the_launcher_stops_every_process_and_the_run_resumes(tmp_pa
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, done + 2))
+
+
+@pytest.mark.slow
+def test_two_nodes_simulated_on_one_machine_then_resumed_on_one_process(tmp_path):
+    """Two torchrun launchers, one process each, meeting at a c10d rendezvous on localhost: what
+    `torchrun --nnodes 2` does on two machines. The checkpoint is written once, by global rank 0."""
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "runs"
+    node = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=sgdph-test",
+        "-m", "sgdph_tools", "train", "recipe.yaml", "trainer.epochs=1", f"trainer.output_dir={out}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [
+        subprocess.Popen(node, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0].decode() for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs
+    (row,) = read_metrics(out / "recipe-s0" / "metrics.jsonl")
+    assert row["world_size"] == 2 and row["replicas_in_sync"]
+    assert load_training_state(out / "recipe-s0" / "last.pt")["world_size"] == 2
+    # resumed on one process: refused unless asked for, then continued and recorded
+    args = ("train", "recipe.yaml", f"trainer.output_dir={out}", "trainer.epochs=2", "--resume")
+    refused = sgdph(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 2 and "trained on 2 process(es) and is resumed on 1" in refused.stderr
+    resumed = sgdph(*args, "--allow-changes", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (event,) = read_metrics(out / "recipe-s0" / "metrics.jsonl", events=True)
+    assert event["changes"] == {"trainer.epochs": [1, 2], "world_size": [2, 1]}

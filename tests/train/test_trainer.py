@@ -98,7 +98,7 @@ def test_resume_refuses_a_different_recipe_and_a_fresh_run_refuses_an_old_folder
     Trainer(small_recipe(tmp_path, "trainer.epochs=1")).run()
     with pytest.raises(UserError, match="already holds a run: continue it with --resume"):
         Trainer(small_recipe(tmp_path, "trainer.epochs=1"))
-    with pytest.raises(UserError, match="differs from the run being resumed in optimizer.lr"):
+    with pytest.raises(UserError, match="the run being resumed differs in optimizer.lr: .*--allow-changes"):
         Trainer(small_recipe(tmp_path, "trainer.epochs=1", "optimizer.lr=0.5"), resume=True)
     with pytest.raises(UserError, match="nothing to resume"):
         Trainer(small_recipe(tmp_path, name="other"), resume=True)
