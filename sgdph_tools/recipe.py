@@ -30,6 +30,7 @@ class ConversionCfg:
     wn: bool = False  # decouple every conv/linear that feeds no norm (sgdph convert --wn)
     strip_norm: bool = False  # replace every norm layer by an identity first
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns of layers to leave alone
+    add_bias: bool | None = None  # bias for decoupled layers that have none; null: only with strip_norm
 
 
 @dataclass

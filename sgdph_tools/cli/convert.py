@@ -29,6 +29,12 @@ def convert_command(
         help="Decouple every conv/linear that feeds no norm into gamma · V/||V|| + bias (the default); "
         "--no-wn with --strip-norm: only strip the norms.",
     ),
+    add_bias: bool | None = typer.Option(
+        None,
+        "--add-bias/--no-add-bias",
+        help="Give decoupled layers without a bias a zero one (default: only with --strip-norm). Once "
+        "trained, such a model no longer exports to its original architecture.",
+    ),
     strip_norm: bool = typer.Option(
         False, "--strip-norm", help="First replace every norm layer by an identity (a 'without BN' variant)."
     ),
@@ -53,8 +59,19 @@ def convert_command(
     if conversion is not None:
         raise UserError(f"{model} is already a converted checkpoint; convert the original model instead")
     net, report = convert(
-        net, wn=wn, strip_norm=strip_norm, exclude=exclude, example_input=example_input_for(net, img_size)
+        net,
+        wn=wn,
+        strip_norm=strip_norm,
+        exclude=exclude,
+        example_input=example_input_for(net, img_size),
+        add_bias=add_bias,
     )
+    if report.add_bias and not strip_norm:
+        console.print(
+            "note: --add-bias gave bias-free layers a bias; once it trains away from zero, `sgdph export` cannot "
+            "put the model back into its original architecture (use the converted checkpoint)",
+            style="yellow",
+        )
     out = output or default_output(spec.display_name if arch is None else arch, wn, strip_norm)
     save_converted(out, net, spec, report)
 

@@ -43,6 +43,7 @@ def save_converted(path: str | os.PathLike, model: nn.Module, spec: ModelSpec, r
             "strip_norm": report.strip_norm,
             "exclude": list(report.exclude),
             "layers": report.decoupled,
+            "add_bias": report.add_bias,
         },
         "state_dict": model.state_dict(),
         "tags": {name: {"kind": t.kind, "group": t.group} for name, t in tag_parameters(model).items()},
@@ -83,6 +84,8 @@ def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, di
             exclude=conversion["exclude"],
             layers=conversion["layers"],
             verify=False,
+            # checkpoints written before the option existed gave every decoupled layer a bias
+            add_bias=conversion.get("add_bias", True),
         )
     _load_state_dict(model, payload["state_dict"], spec.display_name)
     return model, spec, conversion

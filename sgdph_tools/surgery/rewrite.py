@@ -59,6 +59,7 @@ class ConversionReport:
     stripped_norms: list[str] = field(default_factory=list)
     max_abs_error: float | None = None
     input_shape: list[int] | None = None
+    add_bias: bool = False  # decoupled layers without a bias got a zero one
 
     @property
     def decoupled(self) -> list[str]:
@@ -166,12 +167,14 @@ def convert(
     layers: Iterable[str] | None = None,
     example_input: torch.Tensor | None = None,
     verify: bool = True,
+    add_bias: bool | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Decouple the conv/linear layers of ``model`` that feed no norm, in place.
 
     Args:
         model: a timm/torchvision/any ``nn.Module``; modified in place and returned.
-        wn: decouple (``W = gamma · V/||V||`` plus a bias); False only reports what would happen.
+        wn: decouple (``W = gamma · V/||V||``, with the layer's bias); False only reports what would
+            happen.
         strip_norm: first replace every norm layer by an identity (a "without BN" variant).
         exclude: fnmatch patterns on module names to leave alone (e.g. ``"head.*"``).
         layers: decouple exactly these layers (used to re-apply a saved conversion), skipping the
@@ -179,11 +182,16 @@ def convert(
         example_input: the batch used for verification (default: random, shaped from the model's
             ``pretrained_cfg``).
         verify: compare eval-mode outputs before and after; a mismatch raises VerificationError.
+        add_bias: give decoupled layers that have no bias a zero one (more capacity; but once it
+            trains away from zero the model no longer exports to its original architecture).
+            Default: only with ``strip_norm`` -- the stripped norm's shift, in a model that has no
+            plain equivalent anyway.
 
     Returns:
         ``(model, report)``; the report lists every conv/linear with its decision and reason.
     """
     checks.module("model", model)
+    add_bias = strip_norm if add_bias is None else bool(add_bias)
     exclude = checks.names("exclude", exclude)
     if layers is not None:
         layers = checks.names("layers", layers)
@@ -196,10 +204,20 @@ def convert(
 
     analysis = analyse(model)
     forced = set(layers) if layers is not None else None
+    paths, owners = module_paths(model), parameter_owners(model)
     reports: list[LayerReport] = []
     for name, decision in analysis.decisions.items():
         module = model.get_submodule(name)
         evidence, detail = decision.evidence, decision.detail
+        also = [p for p in paths[id(module)] if p != name]
+        if also:  # one module under several names: converted once, every name keeps pointing at it
+            detail = f"{detail}; the same module is also registered as {', '.join(also)}"
+        tied = [
+            f"{local} is {path}"
+            for local, param in module.named_parameters(recurse=False)
+            for owner, path in owners.get(id(param), [])
+            if owner != id(module)
+        ]
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
             action, detail = EXCLUDED, f"matches --exclude; {detail}"
         elif forced is not None:
@@ -213,6 +231,8 @@ def convert(
             action = NORMALISED
         elif not wn:
             action = KEPT
+        elif tied:  # e.g. an LM head tied to its embedding: its own direction and gamma would untie them
+            action, detail = NOT_CONVERTIBLE, f"tied parameters ({'; '.join(tied)}): decoupling would untie them"
         else:
             reason = unconvertible_reason(module)
             action, detail = (NOT_CONVERTIBLE, reason) if reason else (DECOUPLED, detail)
@@ -224,7 +244,7 @@ def convert(
             raise UserError(f"the saved conversion names layers this model does not have: {sorted(missing)[:5]}")
     for report in reports:
         if report.action == DECOUPLED:
-            model.set_submodule(report.name, to_weight_norm(model.get_submodule(report.name)))
+            _replace_everywhere(model, paths, model.get_submodule(report.name), lambda m: to_weight_norm(m, add_bias))
 
     result = ConversionReport(
         layers=reports,
@@ -235,6 +255,7 @@ def convert(
         trace_error=analysis.trace_error,
         notes=analysis.notes,
         stripped_norms=stripped,
+        add_bias=add_bias,
     )
     if verify:
         result.max_abs_error = verify_outputs(before, eval_output(model, example_input))
@@ -243,8 +264,38 @@ def convert(
 
 
 def bake_model(model: nn.Module) -> nn.Module:
-    """Fold every weight-normalised layer back into a plain conv/linear, in place."""
+    """Fold every weight-normalised layer back into a plain conv/linear, in place (a shared one once,
+    under all of its names)."""
+    paths = module_paths(model)
     for name, module in list(model.named_modules()):
         if name and module_kinds.is_weight_norm(module):
-            model.set_submodule(name, module.bake())
+            _replace_everywhere(model, paths, module, lambda m: m.bake())
     return model
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module is registered under, by ``id``: a module assigned to two attributes
+    (``self.b = self.a``) has two, which ``named_modules()`` would list once."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    """For each parameter (by ``id``), the modules that hold it directly and its name there: a tied
+    parameter (``head.weight = embed.weight``) has owners in two modules."""
+    owners: dict[int, list[tuple[int, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            entry = (id(module), f"{name}.{local}" if name else local)
+            if entry not in owners.setdefault(id(param), []):
+                owners[id(param)].append(entry)
+    return owners
+
+
+def _replace_everywhere(model: nn.Module, paths: dict[int, list[str]], module: nn.Module, make) -> None:
+    """Put ``make(module)`` at every name ``module`` is registered under: shared stays shared."""
+    new = make(module)
+    for path in paths[id(module)]:
+        model.set_submodule(path, new)

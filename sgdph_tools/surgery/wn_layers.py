@@ -1,7 +1,8 @@
 """Weight-normalised conv/linear layers: ``W_i = gamma_i · V_i / ||V_i||`` per output channel i.
 
 Each layer owns ``direction`` (V, the old weight's shape), ``gamma`` (1-D, one per output channel) and
-``bias`` (1-D; zeros when the old layer had none) — plain parameters with plain names, so they pickle,
+``bias`` (1-D, the old layer's; a layer without one gets none unless ``add_bias``, which adds zeros --
+capacity the original architecture cannot hold once trained) — plain parameters with plain names, so they pickle,
 load by state_dict and are tagged ``weight`` / ``wn_gamma`` / ``bias``. ``to_weight_norm`` builds one from
 an ``nn.Conv1d/2d/3d`` (grouped and depthwise included) or ``nn.Linear`` with identical outputs
 (gamma = the per-channel norm of the old weight); ``bake`` folds it back into the plain layer.
@@ -25,11 +26,16 @@ class _WeightNorm(nn.Module):
     is_sgdph_weight_norm = True  # recognised by sgdph_tools.module_kinds.is_weight_norm
     plain_type: type[nn.Module]
 
-    def _init_params(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _init_params(self, weight: torch.Tensor, bias: torch.Tensor | None, add_bias: bool) -> None:
         w = weight.detach()
         self.direction = nn.Parameter(w.clone())
         self.gamma = nn.Parameter(_channel_norms(w))
-        self.bias = nn.Parameter(bias.detach().clone() if bias is not None else w.new_zeros(w.shape[0]))
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone())
+        elif add_bias:
+            self.bias = nn.Parameter(w.new_zeros(w.shape[0]))
+        else:
+            self.register_parameter("bias", None)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -42,7 +48,7 @@ class _WeightNorm(nn.Module):
         return f"{super().extra_repr()}, weight-normalised"
 
     def bake(self) -> nn.Module:
-        """The equivalent plain layer (``nn.Conv*``/``nn.Linear``), with a bias."""
+        """The equivalent plain layer (``nn.Conv*``/``nn.Linear``), with a bias if this one has one."""
         raise NotImplementedError
 
 
@@ -54,7 +60,7 @@ def _channel_norms(weight: torch.Tensor) -> torch.Tensor:
 class _WNConvNd(_WeightNorm):
     _conv = staticmethod(F.conv2d)
 
-    def __init__(self, conv: nn.modules.conv._ConvNd):
+    def __init__(self, conv: nn.modules.conv._ConvNd, add_bias: bool = False):
         super().__init__()
         for attr in (
             "in_channels",
@@ -68,7 +74,7 @@ class _WNConvNd(_WeightNorm):
             "_reversed_padding_repeated_twice",
         ):
             setattr(self, attr, getattr(conv, attr))
-        self._init_params(conv.weight, conv.bias)
+        self._init_params(conv.weight, conv.bias, add_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The same computation as nn.ConvNd._conv_forward, with the normalised weight.
@@ -92,14 +98,15 @@ class _WNConvNd(_WeightNorm):
             padding=self.padding,
             dilation=self.dilation,
             groups=self.groups,
-            bias=True,
+            bias=self.bias is not None,
             padding_mode=self.padding_mode,
             device=self.direction.device,
             dtype=self.direction.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(self.weight)
-            conv.bias.copy_(self.bias)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
         return conv
 
 
@@ -121,10 +128,10 @@ class WNConv3d(_WNConvNd):
 class WNLinear(_WeightNorm):
     plain_type = nn.Linear
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, add_bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_params(linear.weight, linear.bias)
+        self._init_params(linear.weight, linear.bias, add_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -134,11 +141,16 @@ class WNLinear(_WeightNorm):
 
     def bake(self) -> nn.Module:
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=True, device=self.direction.device, dtype=self.direction.dtype
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.direction.device,
+            dtype=self.direction.dtype,
         )
         with torch.no_grad():
             linear.weight.copy_(self.weight)
-            linear.bias.copy_(self.bias)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
         return linear
 
 
@@ -191,12 +203,13 @@ def unconvertible_reason(module: nn.Module) -> str | None:
     return None
 
 
-def to_weight_norm(module: nn.Module) -> _WeightNorm:
-    """The weight-normalised twin of a conv/linear layer (same outputs up to float rounding)."""
+def to_weight_norm(module: nn.Module, add_bias: bool = False) -> _WeightNorm:
+    """The weight-normalised twin of a conv/linear layer (same outputs up to float rounding);
+    ``add_bias``: a zero bias where the layer has none."""
     reason = unconvertible_reason(module)
     if reason is not None:
         raise ValueError(f"cannot decouple {type(module).__name__}: {reason}")
-    return _WN_FOR[_plain_base(module)](module)
+    return _WN_FOR[_plain_base(module)](module, add_bias)
 
 
 def bake(module: nn.Module) -> nn.Module:

@@ -85,7 +85,14 @@ def model_spec(recipe: Recipe, num_classes: int, in_chans: int) -> ModelSpec:
 def _convert(model: nn.Module, recipe: Recipe, img_size: int):
     conv = recipe.model.conversion
     example = example_input_for(model, img_size)
-    return convert(model, wn=conv.wn, strip_norm=conv.strip_norm, exclude=conv.exclude, example_input=example)
+    return convert(
+        model,
+        wn=conv.wn,
+        strip_norm=conv.strip_norm,
+        exclude=conv.exclude,
+        example_input=example,
+        add_bias=conv.add_bias,
+    )
 
 
 def check_buildable(recipe: Recipe) -> None:
@@ -160,6 +167,7 @@ class Trainer:
                 "strip_norm": conv.strip_norm,
                 "exclude": list(conv.exclude),
                 "layers": report.decoupled,
+                "add_bias": report.add_bias,
             }
             _log(f"converted {self.spec.display_name}: {len(report.decoupled)} layers decoupled")
         self.model = model.to(self.device)

@@ -50,7 +50,7 @@ def test_unknown_names_suggest_close_ones():
 
 def test_export_refuses_what_the_plain_architecture_cannot_hold():
     spec = ModelSpec("vit_tiny_patch16_224", kwargs={"num_classes": 3, "img_size": 32, "depth": 1, "qkv_bias": False})
-    model, _ = convert(create_model(spec))
+    model, _ = convert(create_model(spec), add_bias=True)  # the option that adds what the original lacks
     state_dict, _ = export_plain(model, spec)  # the new qkv biases are zero: dropped
     assert "blocks.0.attn.qkv.bias" not in state_dict
     with torch.no_grad():

@@ -117,8 +117,8 @@ def test_a_conversion_that_changes_outputs_is_an_error(monkeypatch):
 
     real = convert_py.to_weight_norm
 
-    def wrong(module):
-        layer = real(module)
+    def wrong(module, add_bias=False):
+        layer = real(module, add_bias)
         with torch.no_grad():
             layer.gamma.mul_(1.01)  # a 1% error in one layer
         return layer
@@ -141,3 +141,75 @@ def test_the_example_input_has_the_channels_the_model_was_built_for(name, kwargs
     assert example_input_for(model, 32).shape == (2, 1, 32, 32)  # timm's config still says 3 channels
     converted, report = convert(model, wn=True)  # the verification forward runs on that input
     assert report.decoupled and converted(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head is tied to its embedding (``head.weight = embed.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.body(self.embed(tokens))))
+
+
+class SharedBlock(nn.Module):
+    """One linear registered under two names (``self.b = self.a``) and applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tied_parameters_are_left_alone_with_the_reason_and_stay_tied_through_training():
+    torch.manual_seed(0)
+    model = TiedLM()
+    tokens = torch.randint(0, 11, (4, 5))
+    converted, report = convert(model, example_input=tokens)
+    head = next(layer for layer in report.layers if layer.name == "head")
+    assert head.action == NOT_CONVERTIBLE and "weight is embed.weight" in head.detail
+    assert next(layer for layer in report.layers if layer.name == "body").action == DECOUPLED
+    opt = torch.optim.SGD(converted.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        converted(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+    assert converted.head.weight is converted.embed.weight  # still one tensor after training
+
+
+def test_a_module_under_two_names_is_converted_once_and_stays_shared(tmp_path):
+    torch.manual_seed(0)
+    model = SharedBlock()
+    converted, report = convert(model, example_input=torch.randn(2, 4))
+    assert converted.a is converted.b and module_kinds.is_weight_norm(converted.a)
+    shared = next(layer for layer in report.layers if layer.name == "a")
+    assert shared.action == DECOUPLED and "also registered as b" in shared.detail
+    assert [layer.name for layer in report.layers].count("b") == 0  # one decision for one module
+    from sgdph_tools.surgery.rewrite import bake_model
+
+    baked = bake_model(converted)
+    assert baked.a is baked.b and isinstance(baked.a, nn.Linear)
+
+
+def test_a_model_converted_with_the_defaults_exports_after_training_even_where_layers_had_no_bias():
+    spec = ModelSpec.parse("vit_tiny_patch16_224", num_classes=3, img_size=32, qkv_bias=False)
+    converted, report = convert(create_model(spec))
+    assert not report.add_bias and converted.blocks[0].attn.qkv.bias is None  # nothing the original cannot hold
+    with torch.no_grad():  # training moves every parameter
+        for p in converted.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state_dict, error = export_plain(converted, spec)
+    plain = create_model(spec)
+    plain.load_state_dict(state_dict, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), converted.eval()(x), rtol=1e-4, atol=1e-4)
+    assert error < 1e-4

@@ -24,14 +24,18 @@ LAYERS = [
 def test_decoupled_and_baked_layers_keep_outputs(layer, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
-    wn = to_weight_norm(layer)
-    assert [n for n, _ in wn.named_parameters()] == ["direction", "gamma", "bias"]
-    assert wn.gamma.shape == (layer.weight.shape[0],) and wn.bias.shape == (layer.weight.shape[0],)
-    torch.testing.assert_close(wn.gamma, layer.weight.flatten(1).norm(dim=1))
-    torch.testing.assert_close(wn(x), layer(x), rtol=1e-6, atol=1e-6)
-    plain = bake(wn)
-    assert type(plain) is type(layer)
-    torch.testing.assert_close(plain(x), layer(x), rtol=1e-6, atol=1e-6)
+    has_bias = layer.bias is not None
+    for add_bias in (False, True):
+        wn = to_weight_norm(layer, add_bias=add_bias)
+        with_bias = has_bias or add_bias  # a bias-free layer stays bias-free unless asked
+        assert [n for n, _ in wn.named_parameters()] == ["direction", "gamma"] + ["bias"] * with_bias
+        assert wn.gamma.shape == (layer.weight.shape[0],)
+        assert (wn.bias is not None and wn.bias.shape == (layer.weight.shape[0],)) or not with_bias
+        torch.testing.assert_close(wn.gamma, layer.weight.flatten(1).norm(dim=1))
+        torch.testing.assert_close(wn(x), layer(x), rtol=1e-6, atol=1e-6)
+        plain = bake(wn)
+        assert type(plain) is type(layer) and (plain.bias is not None) == with_bias
+        torch.testing.assert_close(plain(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
 def test_the_output_scale_lives_in_gamma():
