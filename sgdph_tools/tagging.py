@@ -40,8 +40,10 @@ CHANNELWISE_KINDS = (NORM_WEIGHT, NORM_BIAS, WN_GAMMA, BIAS, LAYER_SCALE)
 SECOND_ORDER = "second_order"
 FIRST_ORDER = "first_order"
 
-# Fallback for unknown modules: a 1-D parameter named like a layer scale.
-_LAYER_SCALE_NAME = re.compile(r"^(gamma|layer_scale\w*|ls\d*|scale)$")
+# Fallbacks for unknown modules: a 1-D parameter named like a layer scale (BEiT/CaiT: gamma_1,
+# gamma_2), or like a separate query/key/value bias (BEiT: q_bias, v_bias beside a bias-free qkv).
+_LAYER_SCALE_NAME = re.compile(r"^(gamma(_\d+)?|layer_scale\w*|ls\d*|scale)$")
+_QKV_BIAS_NAME = re.compile(r"^[qkv]_bias$")
 
 
 @dataclass(frozen=True)
@@ -57,24 +59,43 @@ class ParamTag:
         return asdict(self)
 
 
-def find_classifier(model: nn.Module) -> nn.Module | None:
-    """The model's final classifier layer: timm's ``get_classifier()`` when there is one (and it is a
-    layer with parameters), else the last linear layer (plain or weight-normalised) in registration
-    order."""
+def find_classifiers(model: nn.Module) -> list[nn.Module]:
+    """The layers that produce the logits. From timm's ``get_classifier()`` when there is one: every
+    head it returns (distilled models return ``(head, head_dist)``, CrossViT a ``ModuleList`` of
+    per-branch heads), and within a head every layer with the classifier's output size (RepViT's
+    ``head`` holds ``head.l`` and ``head_dist.l``). Otherwise the last conv/linear layer in
+    registration order -- a linear ``fc``, or SqueezeNet's 1x1 conv classifier."""
+    heads: list[nn.Module] = []
     get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
+    if callable(get_classifier):  # the model names its head (an Identity when it has none: no fallback)
         try:
             head = get_classifier()
         except Exception:  # some models raise when the head was reset to Identity
             head = None
-        if isinstance(head, (tuple, list)):  # distilled models return (head, head_dist)
-            head = head[0] if head else None
-        if isinstance(head, nn.Module):
-            layers = [m for m in head.modules() if _is_layer(m)]
-            if layers:
-                return layers[-1]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) or (_is_layer(m) and hasattr(m, "in_features"))]
-    return linears[-1] if linears else None
+        if isinstance(head, (tuple, list, nn.ModuleList)):
+            heads = [h for h in head if isinstance(h, nn.Module)]
+        elif isinstance(head, nn.Module):
+            heads = [head]
+    found: list[nn.Module] = []
+    for head in heads:
+        layers = [m for m in head.modules() if _is_layer(m)]
+        if layers:
+            size = _out_size(layers[-1])
+            found += [m for m in layers if _out_size(m) == size and m not in found]
+    if found or callable(get_classifier):
+        return found
+    layers = [m for m in model.modules() if _is_layer(m)]
+    return layers[-1:]
+
+
+def find_classifier(model: nn.Module) -> nn.Module | None:
+    """The first of :func:`find_classifiers` (the main head), or None."""
+    found = find_classifiers(model)
+    return found[0] if found else None
+
+
+def _out_size(layer: nn.Module) -> int | None:
+    return getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
 
 
 def _is_layer(module: nn.Module) -> bool:
@@ -84,6 +105,8 @@ def _is_layer(module: nn.Module) -> bool:
 def _kind_of(module: nn.Module, local_name: str, ndim: int) -> tuple[str, str]:
     """(kind, reason) of the parameter ``local_name`` owned directly by ``module``."""
     type_name = type(module).__name__
+    if module_kinds.is_weight_standardised(module) and local_name == "gain":
+        return WN_GAMMA, f"per-output-channel gain of {type_name} (a weight-standardised conv)"
     if module_kinds.is_weight_norm(module):
         kinds = {"gamma": WN_GAMMA, "bias": BIAS, "direction": WEIGHT}
         return kinds.get(local_name, WEIGHT), f"{type_name}.{local_name}"
@@ -103,6 +126,8 @@ def _kind_of(module: nn.Module, local_name: str, ndim: int) -> tuple[str, str]:
     if ndim == 1:
         if _LAYER_SCALE_NAME.match(local_name):
             return LAYER_SCALE, f"1-D '{local_name}' of {type_name} (name says layer scale)"
+        if _QKV_BIAS_NAME.match(local_name):
+            return BIAS, f"1-D '{local_name}' of {type_name} (a separate query/key/value bias)"
         return OTHER_1D, f"1-D parameter of {type_name}"
     return WEIGHT, f"{ndim}-D parameter of {type_name}"
 
@@ -115,7 +140,7 @@ def tag_parameters(model: nn.Module) -> dict[str, ParamTag]:
     is first-order, see the module docstring).
     """
     checks.module("model", model)
-    classifier = find_classifier(model)
+    classifiers = {id(m) for m in find_classifiers(model)}
     tags: dict[str, ParamTag] = {}
     seen: set[int] = set()  # shared parameters are tagged once, under their first name
     for module_name, module in model.named_modules():
@@ -126,7 +151,7 @@ def tag_parameters(model: nn.Module) -> dict[str, ParamTag]:
             name = f"{module_name}.{local_name}" if module_name else local_name
             kind, reason = _kind_of(module, local_name, param.ndim)
             group = SECOND_ORDER if kind in CHANNELWISE_KINDS else FIRST_ORDER
-            if module is classifier and kind == BIAS:
+            if id(module) in classifiers and kind == BIAS:
                 group = FIRST_ORDER
                 reason = "classifier bias: its H·1 is exactly 0 under softmax cross-entropy"
             tags[name] = ParamTag(name, kind, group, type(module).__name__, tuple(param.shape), reason)

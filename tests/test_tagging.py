@@ -145,9 +145,53 @@ def test_timm_models(name, kwargs, expected):
     assert head_bias == [f"{classifier_name}.bias"]
 
 
-def test_find_classifier_falls_back_to_the_last_linear():
+def test_find_classifier_falls_back_to_the_last_layer():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     assert find_classifier(model) is model[2]
-    assert find_classifier(nn.Sequential(nn.Conv2d(1, 1, 1))) is None
+    conv_head = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1))
+    assert find_classifier(conv_head) is conv_head[2]  # a 1x1 conv classifier, as SqueezeNet's
     headless = timm.create_model("resnet18", num_classes=0)  # head is an Identity
     assert find_classifier(headless) is None
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,heads",
+    [
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 1}, ["head", "head_dist"]),
+        ("repvit_m1", {}, ["head.head.l", "head.head_dist.l"]),
+        ("crossvit_tiny_240", {}, ["head.0", "head.1"]),
+        ("torchvision:squeezenet1_0", {}, ["classifier.1"]),
+    ],
+)
+def test_every_head_bias_is_a_classifier_bias_and_its_row_sum_is_zero(name, kwargs, heads):
+    from sgdph_tools import partial_hessian
+    from sgdph_tools.models.factory import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelSpec.parse(name, num_classes=5, **kwargs)).eval()
+    tags = tag_parameters(model)
+    first_order_biases = [n for n, t in tags.items() if t.kind == BIAS and t.group == FIRST_ORDER]
+    assert first_order_biases == [f"{h}.bias" for h in heads]
+    if name.startswith("torchvision:squeezenet"):
+        return  # its 1x1 conv classifier is followed by a ReLU: H·1 is near zero, not exactly zero
+    # the independent truth: under softmax cross-entropy a bias added to the logits has H·1 = 0
+    size = 240 if name.startswith("crossvit") else 32
+    x, y = torch.randn(2, 3, size, size), torch.randint(0, 5, (2,))
+    params = dict(model.named_parameters())
+
+    def loss_fn():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(torch.stack(out).mean(0) if isinstance(out, tuple) else out, y)
+
+    rowsums = partial_hessian(loss_fn, [params[n] for n in first_order_biases], engine="autograd")
+    assert all(r.abs().max() < 1e-5 for r in rowsums)
+
+
+def test_gains_layer_scales_and_split_qkv_biases_are_tagged_by_role():
+    tags = tag_parameters(timm.create_model("nf_resnet26", num_classes=5))
+    assert (tags["stem.conv.gain"].kind, tags["stem.conv.gain"].group) == ("wn_gamma", SECOND_ORDER)
+    beit = tag_parameters(timm.create_model("beit_base_patch16_224", num_classes=5, img_size=32, depth=1))
+    assert (beit["blocks.0.gamma_1"].kind, beit["blocks.0.gamma_1"].group) == (LAYER_SCALE, SECOND_ORDER)
+    assert (beit["blocks.0.attn.q_bias"].kind, beit["blocks.0.attn.v_bias"].group) == (BIAS, SECOND_ORDER)
+    cait = tag_parameters(timm.create_model("cait_xxs24_224", num_classes=5, img_size=32, depth=1))
+    assert {t.kind for n, t in cait.items() if "gamma_" in n} == {LAYER_SCALE}
