@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import checks, module_kinds
+from .. import checks
 from ..errors import UserError
 from .graph import analyse
+from .probe import TOLERANCE as PROBE_TOLERANCE
+from .probe import ChannelScaleProbe, module_kinds
 from .wn_layers import to_weight_norm, unconvertible_reason
 
 # Actions in the report.
@@ -205,10 +207,31 @@ def convert(
     analysis = analyse(model)
     forced = set(layers) if layers is not None else None
     paths, owners = module_paths(model), parameter_owners(model)
+    # Every decision is checked on the computation itself (surgery/probe.py): is the layer's
+    # per-channel scale redundant in train mode? The probe overrides the graph where they disagree.
+    probe = ChannelScaleProbe(model, example_input) if verify and forced is None and example_input is not None else None
     reports: list[LayerReport] = []
     for name, decision in analysis.decisions.items():
         module = model.get_submodule(name)
         evidence, detail = decision.evidence, decision.detail
+        feeds_norm = decision.feeds_norm
+        change = probe.relative_change(name) if probe is not None and module_kinds.is_conv_or_linear(module) else None
+        if probe is not None and change is None:
+            detail = (
+                f"{detail}; probe: nothing to scale (not called as a module, or an all-zero output), "
+                f"the {evidence} decision stands"
+            )
+        if change is not None:
+            redundant = change < PROBE_TOLERANCE
+            if redundant != feeds_norm:
+                graph_said = "feeds a norm" if feeds_norm else "feeds no norm"
+                detail = f"{detail}; but the {evidence} decision ({graph_said}) is overruled by the probe"
+            feeds_norm = redundant
+            evidence = f"{evidence} + probe"
+            detail = (
+                f"{detail}; probe: scaling its output channels changes the train-mode output by {change:.1e} "
+                f"(relative; {'redundant' if redundant else 'a real scale'} at tolerance {PROBE_TOLERANCE:g})"
+            )
         also = [p for p in paths[id(module)] if p != name]
         if also:  # one module under several names: converted once, every name keeps pointing at it
             detail = f"{detail}; the same module is also registered as {', '.join(also)}"
@@ -221,13 +244,13 @@ def convert(
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
             action, detail = EXCLUDED, f"matches --exclude; {detail}"
         elif forced is not None:
-            action = DECOUPLED if name in forced else NORMALISED if decision.feeds_norm else KEPT
+            action = DECOUPLED if name in forced else NORMALISED if feeds_norm else KEPT
             evidence = "checkpoint"
         elif module_kinds.is_weight_norm(module):
             action, detail = NOT_CONVERTIBLE, "already weight-normalised"
         elif module_kinds.is_weight_standardised(module):
             action, detail = WEIGHT_STANDARDISED, f"{type(module).__name__} standardises its own weight"
-        elif decision.feeds_norm:
+        elif feeds_norm:
             action = NORMALISED
         elif not wn:
             action = KEPT
@@ -236,7 +259,7 @@ def convert(
         else:
             reason = unconvertible_reason(module)
             action, detail = (NOT_CONVERTIBLE, reason) if reason else (DECOUPLED, detail)
-        reports.append(LayerReport(name, decision.layer_type, action, decision.feeds_norm, evidence, detail))
+        reports.append(LayerReport(name, decision.layer_type, action, feeds_norm, evidence, detail))
 
     if forced is not None:
         missing = forced - {r.name for r in reports}

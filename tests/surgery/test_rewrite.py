@@ -31,17 +31,18 @@ ZOO = [
     ("vgg11", {}, 32, {DECOUPLED: 11}),  # no BN; its ConvMlp head is a leaf that does not trace
     ("efficientnet_b0", {}, 32, {NORMALISED: 49, DECOUPLED: 33}),  # depthwise convs, SE convs
     ("mobilenetv3_small_050", {}, 32, {NORMALISED: 34, DECOUPLED: 20}),
-    ("convnext_atto", {}, 32, {NORMALISED: 13, DECOUPLED: 28}),  # LayerNorm behind a permute
+    # LayerNorm over channels removes only a common scale: the layers feeding it keep a real one
+    ("convnext_atto", {}, 32, {DECOUPLED: 41}),
     ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32, {DECOUPLED: 10}),  # pre-norm blocks
     ("nf_resnet26", {}, 32, {WEIGHT_STANDARDISED: 29, DECOUPLED: 1}),  # ScaledStdConv2d in leaf blocks
     ("levit_128s", {"img_size": 64}, 64, {NORMALISED: 50, DECOUPLED: 2}),  # bn(x.flatten(0, 1)).reshape_as(x)
-    ("mobilevit_xxs", {}, 64, {NORMALISED: 35, DECOUPLED: 37}),  # blocks that do not trace
+    ("mobilevit_xxs", {}, 64, {NORMALISED: 32, DECOUPLED: 40}),  # blocks that do not trace; LayerNorms
     ("eva02_tiny_patch14_224", {"img_size": 28}, 28, {DECOUPLED: 50}),  # F.linear on qkv.weight
     ("resnet18_cifar", {}, 32, {NORMALISED: 20, DECOUPLED: 1}),
     ("vgg19_nobn", {}, 32, {DECOUPLED: 17}),
     ("torchvision:mobilenet_v3_small", {}, 32, {NORMALISED: 34, DECOUPLED: 20}),
     ("torchvision:vit_b_16", {"image_size": 32}, 32, {DECOUPLED: 37, NOT_CONVERTIBLE: 1}),  # MHA; zero-init head
-    ("torchvision:swin_t", {}, 32, {NORMALISED: 1, DECOUPLED: 52}),
+    ("torchvision:swin_t", {}, 32, {DECOUPLED: 53}),  # the patch embedding feeds a LayerNorm
 ]
 
 
@@ -64,7 +65,8 @@ def test_zoo(name, kwargs, size, expected, tmp_path):
     assert report.counts() == expected
     assert report.max_abs_error is not None and report.max_abs_error < 1e-4
     tags = tag_parameters(model)
-    assert sum(t.kind == WN_GAMMA for t in tags.values()) == expected[DECOUPLED]
+    gains = sum(t.kind == WN_GAMMA and t.module_type.startswith("ScaledStd") for t in tags.values())
+    assert sum(t.kind == WN_GAMMA for t in tags.values()) - gains == expected[DECOUPLED]
 
     # Checkpoint round trip: rebuilt by name, conversion re-applied, same outputs.
     path = save_converted(tmp_path / "model.pt", model, spec, report)
