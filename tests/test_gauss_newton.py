@@ -93,7 +93,7 @@ def test_bad_arguments_are_named():
     net = conv_bn_net()
     x, _ = batch_for(net)
     logits = net(x)
-    with pytest.raises(TypeError, match=r"pass \[tensor\]"):
+    with pytest.raises(TypeError, match=r"not one tensor: pass \[params\]"):
         gauss_newton_bartlett(logits, net[1].weight)
     with pytest.raises(ValueError, match=r"\[batch, classes\]"):
         gauss_newton_bartlett(logits[0], one_d(net))
