@@ -159,7 +159,7 @@ def test_find_classifier_falls_back_to_the_last_layer():
     [
         ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 1}, ["head", "head_dist"]),
         ("repvit_m1", {}, ["head.head.l", "head.head_dist.l"]),
-        ("crossvit_tiny_240", {}, ["head.0", "head.1"]),
+        ("crossvit_tiny_240", {"img_size": 120}, ["head.0", "head.1"]),
         ("torchvision:squeezenet1_0", {}, ["classifier.1"]),
     ],
 )
@@ -175,7 +175,7 @@ def test_every_head_bias_is_a_classifier_bias_and_its_row_sum_is_zero(name, kwar
     if name.startswith("torchvision:squeezenet"):
         return  # its 1x1 conv classifier is followed by a ReLU: H·1 is near zero, not exactly zero
     # the independent truth: under softmax cross-entropy a bias added to the logits has H·1 = 0
-    size = 240 if name.startswith("crossvit") else 32
+    size = 120 if name.startswith("crossvit") else 32
     x, y = torch.randn(2, 3, size, size), torch.randint(0, 5, (2,))
     params = dict(model.named_parameters())
 

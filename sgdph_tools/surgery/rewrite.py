@@ -20,7 +20,7 @@ from .. import checks
 from ..errors import UserError
 from .graph import analyse
 from .probe import TOLERANCE as PROBE_TOLERANCE
-from .probe import ChannelScaleProbe, module_kinds
+from .probe import ChannelScaleProbe, module_kinds, removes_channel_scale
 from .wn_layers import to_weight_norm, unconvertible_reason
 
 # Actions in the report.
@@ -210,13 +210,17 @@ def convert(
     # Every decision is checked on the computation itself (surgery/probe.py): is the layer's
     # per-channel scale redundant in train mode? The probe overrides the graph where they disagree.
     probe = ChannelScaleProbe(model, example_input) if verify and forced is None and example_input is not None else None
+    # Without a norm that removes per-channel scales, no layer can be normalised: there only the
+    # graph's "normalised" decisions need the probe (it costs a float64 forward per layer).
+    any_channel_norm = any(removes_channel_scale(m) for m in model.modules())
     reports: list[LayerReport] = []
     for name, decision in analysis.decisions.items():
         module = model.get_submodule(name)
         evidence, detail = decision.evidence, decision.detail
         feeds_norm = decision.feeds_norm
-        change = probe.relative_change(name) if probe is not None and module_kinds.is_conv_or_linear(module) else None
-        if probe is not None and change is None:
+        probed = probe is not None and module_kinds.is_conv_or_linear(module) and (any_channel_norm or feeds_norm)
+        change = probe.relative_change(name) if probed else None
+        if probed and change is None:
             detail = (
                 f"{detail}; probe: nothing to scale (not called as a module, or an all-zero output), "
                 f"the {evidence} decision stands"

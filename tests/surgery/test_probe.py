@@ -102,10 +102,10 @@ def test_a_layer_the_probe_cannot_scale_keeps_the_graph_decision():
     class FunctionalUse(nn.Module):  # the weight is read by F.linear, the module is never called
         def __init__(self):
             super().__init__()
-            self.proj, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.proj, self.bn, self.out = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.out(torch.relu(nn.functional.linear(x, self.proj.weight, self.proj.bias)))
+            return self.out(self.bn(torch.relu(nn.functional.linear(x, self.proj.weight, self.proj.bias))))
 
     torch.manual_seed(0)
     _, report = convert(FunctionalUse(), example_input=torch.randn(2, 4))

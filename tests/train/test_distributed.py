@@ -61,7 +61,7 @@ def _processes_in(folder) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])  # SIGINT takes the same path (one launch less)
 def test_a_signal_to_the_launcher_stops_every_process_and_the_run_resumes(tmp_path, sig):
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     run = tmp_path / "runs" / "recipe-s0"
@@ -82,8 +82,6 @@ def test_a_signal_to_the_launcher_stops_every_process_and_the_run_resumes(tmp_pa
     time.sleep(1)
     assert _processes_in(tmp_path) == []  # no orphaned worker
     done = load_training_state(run / "last.pt")["epoch"]
-    if sig == signal.SIGINT:
-        return  # one resume is enough (each launch costs seconds of the suite)
     resumed = sgdph(
         *args[3:],
         *overrides[:-1],
