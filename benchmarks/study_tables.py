@@ -51,7 +51,10 @@ def contender_rows(root: Path, names: list[str]) -> dict[str, list[dict]]:
         tuned = [r for r in _runs(folder) if r["seed"] == 0 and any(in_grid(r["config"], g) for g in grids)]
         row = {"contender": contender, "config": config, "grid": len(tuned)}
         if config is not None:
-            seeds = sorted((r for r in _runs(folder) if _matches(r, config)), key=lambda r: r["seed"])
+            finished = ("done", "diverged")  # a pending or failed run is not a result (yet)
+            seeds = sorted(
+                (r for r in _runs(folder) if _matches(r, config) and r["status"] in finished), key=lambda r: r["seed"]
+            )
             row["seeds"] = [r["seed"] for r in seeds]
             row["diverged"] = sum(r["status"] == "diverged" for r in seeds)
             row["test"] = [r["final"]["test_acc1"] if r["status"] == "done" else 0.0 for r in seeds]
