@@ -56,13 +56,14 @@ def _stochastic(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) or "DropPath" in name or "StochasticDepth" in name
 
 
-def _outputs(out) -> list[torch.Tensor]:
+def tensors_in(out) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, or nested tuples/lists/dicts of them), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _outputs(item)]
+        return [t for item in out for t in tensors_in(item)]
     if isinstance(out, dict):
-        return [t for item in out.values() for t in _outputs(item)]
+        return [t for item in out.values() for t in tensors_in(item)]
     return []
 
 
@@ -88,9 +89,10 @@ class ChannelScaleProbe:
             rows = torch.randint(0, x.shape[0], (extra,), generator=self.generator)
             x = torch.cat([x, x[rows].roll(1, dims=-1)])
         self.x = x
-        self.classifiers = {id(m) for m in find_classifiers(self.model)}
+        heads = find_classifiers(self.model)
+        self.classifiers = {id(m) for m in heads}
         self.features: list[torch.Tensor] = []
-        for head in find_classifiers(self.model):
+        for head in heads:
             head.register_forward_pre_hook(lambda _m, args: self.features.append(args[0]) if args else None)
         self.baseline = self._run()
 
@@ -99,7 +101,7 @@ class ChannelScaleProbe:
         self.features = []
         out = self.model(self.x)
         return {
-            "output": [t.detach().clone() for t in _outputs(out)],
+            "output": [t.detach().clone() for t in tensors_in(out)],
             "features": [t.detach().clone() for t in self.features if isinstance(t, torch.Tensor)],
         }
 

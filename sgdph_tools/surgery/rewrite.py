@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import checks
+from .. import checks, module_kinds
 from ..errors import UserError
 from .graph import analyse
 from .probe import TOLERANCE as PROBE_TOLERANCE
-from .probe import ChannelScaleProbe, module_kinds, removes_channel_scale
+from .probe import ChannelScaleProbe, removes_channel_scale, tensors_in
 from .wn_layers import to_weight_norm, unconvertible_reason
 
 # Actions in the report.
@@ -133,19 +133,9 @@ def eval_output(model: nn.Module, x: torch.Tensor):
         model.train(was_training)
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
 def verify_outputs(before, after) -> float:
     """Max absolute difference between two model outputs; raises VerificationError beyond rounding."""
-    a, b = _tensors(before), _tensors(after)
+    a, b = tensors_in(before), tensors_in(after)
     if len(a) != len(b) or not a:
         raise VerificationError("verification failed: the converted model returns a different output structure")
     worst = max(((x.float() - y.float()).abs().max().item() for x, y in zip(a, b)), default=0.0)
