@@ -2,13 +2,19 @@
 
 Each configuration runs in its own child process (forked from a server that imported torch once, so
 no configuration inherits another's allocations): it builds the model and optimizer, records its
-memory before the first step, runs ``hessian_every`` warm-up steps (a whole refresh cycle, the first
-refresh included), then times ``steps`` more -- forward + backward + step, synchronised on a GPU.
-Time per step: the median over steps when every step refreshes (k = 1); the mean over whole multiples
-of k otherwise, so refresh steps count in their real proportion. Peak memory: on a GPU
-``max_memory_allocated`` minus what was allocated before the first step; on a CPU the process's peak
-resident memory minus its resident memory before the first step (so the torch import does not
-squeeze the ratios). Ratios are to SGDM measured in the same run.
+memory before the first step, runs warm-up steps (whole refresh cycles: one on a CPU, up to at least
+10 steps on a GPU), then times windows of steps -- forward + backward + step.
+
+Every mode is timed the same way: over windows of ``window`` consecutive steps, the clock read (and a
+GPU synchronised) only at a window's ends, as a training loop that does not wait for the GPU every
+step; the time per step is the median over windows of the window's time / ``window``. The window is
+a multiple of every measured ``hessian_every``, so each window holds whole refresh cycles and the
+refresh steps count in their real proportion. (An earlier version took the median of single steps for
+k = 1 and the mean for k > 1: a median against a mean biased every k > 1 ratio upwards by the step
+times' skew, and a synchronisation after every step charged GPU modes for launch gaps a training loop
+overlaps.) Peak memory: on a GPU ``max_memory_allocated`` minus what was allocated before the first
+step; on a CPU the process's peak resident memory minus its resident memory before the first step (so
+the torch import does not squeeze the ratios). Ratios are to SGDM measured in the same run.
 
 ``diagonal`` is left out: one product per element is a diagnostic, not a training mode.
 """
@@ -65,9 +71,19 @@ class Settings:
     batch: int = 128
     img_size: int = 32
     num_classes: int = 100
-    steps: int = 20
+    steps: int = 20  # timed steps per mode: whole windows, at least one
     device: str = "cpu"
     threads: int | None = None
+    window: int = 1  # steps per timed window; run() makes it a multiple of every mode's hessian_every
+
+
+def timing_window(modes: list[Mode], device: str) -> int:
+    """Steps per timed window: the least common multiple of the modes' ``hessian_every`` (whole
+    refresh cycles in every window), raised to whole multiples of at least 10 steps on a GPU, whose
+    per-window synchronisation would otherwise show up as launch gaps."""
+    cycle = math.lcm(*(m.hessian_every or 1 for m in modes))
+    least = 10 if device == "cuda" else 1
+    return cycle * math.ceil(least / cycle)
 
 
 def _rss_mb() -> float:
@@ -142,21 +158,27 @@ def _measure(mode: Mode, s: Settings) -> dict:
     else:
         before = _rss_mb()
     k = mode.hessian_every or 1
-    for _ in range(k):  # warm-up: one whole refresh cycle
+    # Warm-up: whole refresh cycles; on a GPU at least 10 steps (lazy CUDA init, cuDNN's algorithm
+    # search and the caching allocator's first growth would otherwise land in the timed steps).
+    for _ in range(max(1, math.ceil((10 if cuda else 1) / k)) * k):
         step()
-    n = max(1, math.ceil(s.steps / k)) * k
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
+    if s.window % k:
+        raise ValueError(f"the timing window ({s.window} steps) must hold whole refresh cycles of {k}")
+    per_step = []
+    for _ in range(max(1, s.steps // s.window)):
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(s.window):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        per_step.append((time.perf_counter() - start) / s.window)
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    step_s = statistics.median(times) if k == 1 else sum(times) / len(times)
+    step_s = statistics.median(per_step)
     return {"step_ms": 1000 * step_s, "peak_mb": peak}
 
 
@@ -167,6 +189,8 @@ def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list
     mode must be SGDM, the baseline."""
     if not modes or modes[0].optimizer != "sgdm":
         raise ValueError("the first mode must be SGDM: the ratios are to it")
+    if s.window % math.lcm(*(m.hessian_every or 1 for m in modes)):
+        raise ValueError(f"window={s.window} is not a multiple of every mode's hessian_every: use timing_window()")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "timm", "sgdph_tools"])
     per_round: list[list[dict]] = [[] for _ in modes]

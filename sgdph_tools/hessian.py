@@ -126,10 +126,21 @@ class ForwardReplay:
     the randomness nor the buffers that the training run sees.
     """
 
-    def __init__(self, loss_fn: LossFn, devices: Iterable[torch.device] = (), buffers: Sequence[Tensor] = ()):
-        self.loss_fn, self.buffers = loss_fn, list(buffers)
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        devices: Iterable[torch.device] = (),
+        buffers: Sequence[Tensor] | Callable[[], Sequence[Tensor]] = (),
+    ):
+        # buffers may be a function that lists them: called only when a replay happens, so a step
+        # that replays nothing does not walk the model's modules (host time that shows on a GPU)
+        self.loss_fn, self._buffers = loss_fn, buffers if callable(buffers) else list(buffers)
         self.devices = list(devices)
         self._rng: tuple | None = None
+
+    @property
+    def buffers(self) -> list[Tensor]:
+        return list(self._buffers()) if callable(self._buffers) else self._buffers
 
     def first(self) -> Tensor:
         self._rng = _rng_state(_cuda_indices(self.devices))
@@ -174,7 +185,7 @@ class ClosureReplay(ForwardReplay):
         closure: Callable[[], object],
         params: Sequence[Tensor],
         devices: Iterable[torch.device] = (),
-        buffers: Sequence[Tensor] = (),
+        buffers: Sequence[Tensor] | Callable[[], Sequence[Tensor]] = (),
         *,
         cheap: bool = True,
         sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,

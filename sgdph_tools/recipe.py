@@ -422,6 +422,17 @@ def _drop_settings_of_a_replaced_choice(data: dict, overridden: set[str]) -> Non
                 del written[key]
 
 
+def _drop_kwargs_of_a_replaced_model(data: dict, file_model: str | None, overridden: set[str]) -> None:
+    """``model.name=vit_tiny_patch16_224`` on a small_cnn recipe: the file's ``model.kwargs`` were the
+    old architecture's constructor arguments (``width``, ``stages``), which the new one would refuse.
+    They go; ``model.kwargs.*`` given as overrides stay."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "model.name" not in overridden or model.get("name") == file_model:
+        return
+    if isinstance(model.get("kwargs"), dict):
+        model["kwargs"] = {k: v for k, v in model["kwargs"].items() if f"model.kwargs.{k}" in overridden}
+
+
 def _check_semantics(recipe: Recipe) -> None:
     t, o, s = recipe.trainer, recipe.optimizer, recipe.schedule
     if o.name in THIRD_PARTY_OPTIMIZERS:
@@ -485,12 +496,14 @@ def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
         raise TypeError(f"data must be a dict of recipe sections (model, data, ...), got {type(data).__name__}")
     overrides = _check_overrides(overrides)
     data = copy.deepcopy(dict(data or {}))
+    file_model = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
     overridden = set()
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
         overridden.add(key)
     _drop_settings_of_a_replaced_choice(data, overridden)
+    _drop_kwargs_of_a_replaced_model(data, file_model, overridden)
     recipe = _build(Recipe, data, "")
     _check_keys_apply(data, recipe)
     _check_semantics(recipe)

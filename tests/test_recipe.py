@@ -206,3 +206,11 @@ def test_an_override_that_changes_the_choice_drops_the_files_settings_for_the_ol
         load_recipe(quickstart, ["optimizer.name=sgd", "optimizer.so_lr=0.01"])  # said in this command
     multistep = load_recipe(quickstart, ["schedule.name=multistep", "schedule.milestones=[10, 20]"])
     assert multistep.schedule.milestones == [10, 20]
+
+
+def test_an_override_that_changes_the_model_drops_the_files_constructor_arguments():
+    shapes = ROOT / "recipes" / "shapes" / "shapes_small_cnn_sgdph.yaml"  # small_cnn with width, stages, ...
+    vit = load_recipe(shapes, ["model.name=vit_tiny_patch16_224", "model.kwargs.img_size=32"])
+    assert vit.model.kwargs == {"img_size": 32}
+    same = load_recipe(shapes, ["model.name=small_cnn"])  # the same architecture keeps them
+    assert same.model.kwargs == {"width": 16, "stages": 4, "stem_stride": 2}

@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
-from ..bench import Mode, Settings, all_modes, run
+from ..bench import Mode, Settings, all_modes, run, timing_window
 from ..errors import UserError
 from ..records import write_json
 from ._output import console
@@ -25,7 +25,12 @@ def bench_command(
     batch: int = typer.Option(128, "--batch", help="Batch size."),
     img_size: int = typer.Option(32, "--img-size", help="Input height and width (random data, the model's channels)."),
     num_classes: int = typer.Option(100, "--num-classes", help="Classes of the classifier head."),
-    steps: int = typer.Option(20, "--steps", help="Timed steps per mode, after a warm-up of one refresh cycle."),
+    steps: int = typer.Option(
+        20,
+        "--steps",
+        help="Timed steps per mode after a warm-up, in whole windows (of 10 steps when k=10 is measured; "
+        "at least 10 on a GPU); the median over windows counts.",
+    ),
     rounds: int = typer.Option(1, "--rounds", help="Rounds over all modes, interleaved; medians over rounds."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per measurement (default: torch's)."),
@@ -72,10 +77,13 @@ def bench_command(
         steps=steps,
         device=device,
         threads=threads,
+        window=timing_window(modes, device),
     )
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
+    windows = max(1, steps // settings.window)
     console.print(
-        f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}"
+        f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}; "
+        f"per mode {windows} timed window(s) of {settings.window} steps"
     )
     with console.status("measuring") as status:
         records = run(
@@ -85,7 +93,8 @@ def bench_command(
             on_result=lambda mode, r: status.update(f"measured {mode.label}: {r['time_ratio']:.2f}x"),
         )
     table = Table(
-        title=f"step time and peak memory, ratios to SGDM in this run (medians of {rounds} round(s))",
+        title=f"step time (median over windows) and peak memory, ratios to SGDM in this run "
+        f"(medians of {rounds} round(s))",
         title_justify="left",
     )
     for column in ("optimizer", "step ms", "time / SGDM", "per round", "peak MB", "memory / SGDM"):

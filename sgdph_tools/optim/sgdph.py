@@ -485,7 +485,7 @@ class SGDPH(Optimizer):
             return grad_scaler.scale(loss) if grad_scaler is not None else loss
 
         self.zero_grad(set_to_none=True)
-        replay = ForwardReplay(forward, self._devices(), self._replay_buffers())
+        replay = ForwardReplay(forward, self._devices(), self._replay_buffers)
         create_graph = refreshing and self._double_backward and self.engine == "autograd"
         keep_graph = create_graph or (refreshing and self._reads_logits)
         with (
@@ -528,7 +528,7 @@ class SGDPH(Optimizer):
             closure,
             params,
             self._devices(),
-            self._replay_buffers(),
+            self._replay_buffers,
             cheap=cheap,
             sync=ddp.no_sync if ddp is not None else contextlib.nullcontext,
         )
@@ -662,8 +662,10 @@ class SGDPH(Optimizer):
         else:
             states = [self._second_order_state(p) for p in params]
             fresh = [hessians.get(p) for p in params]
+            # one multi-tensor add for the step counters (CPU scalars, as torch's Adam): a Python
+            # `+= 1` per tensor costs host time that shows on a GPU
+            torch._foreach_add_([s["step"] for s in states], 1.0)
             for state, h in zip(states, fresh):
-                state["step"] += 1
                 state["hessian_refreshes"] += h is not None
             if group["authors_code"]:
                 c = 1 - group["momentum"] ** (step // len(self._one_d_params()) + 1)
