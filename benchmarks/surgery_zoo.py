@@ -1,101 +1,248 @@
-"""Convert a zoo of timm and torchvision models and print the table in docs/surgery.md.
+"""The surgery zoo: convert ~190 timm and torchvision architectures and check every decision.
 
-    python benchmarks/surgery_zoo.py
+    python benchmarks/surgery_zoo.py --jobs 2 --json zoo.json > table.md   # docs/surgery.md's table
+    python benchmarks/surgery_zoo.py --only 'resnet*' --only 'torchvision:*'
 
-For each model: conv/linear layers, how many were decoupled, already normalised (feed a norm),
-weight-standardised, not convertible (with the reason), how the decisions were made, and the
-verification error. Models are built with 10 classes and random weights (nothing is downloaded).
+One architecture per timm family (the variant with the fewest parameters, chosen once by building every
+model of the family on the meta device; the list is below) and one per torchvision family. Each model
+runs in its own process with a time limit, on random weights, 10 classes, nothing downloaded:
+
+1. ``convert`` with the defaults (weight-normalise every conv/linear whose channel scale is real;
+   outputs verified, the probe inside it checking the decisions where it runs);
+2. the numerical check of every decision: ``ChannelScaleProbe`` on the original model for each layer
+   that ``convert`` did not probe (its own measurement is in the report for the others). A layer
+   left alone as "already normalised" whose scale is real is a *wrong decision*; a decoupled layer
+   whose scale is redundant is a *redundant gamma*; a layer the probe cannot scale (its weight read by
+   another op) is counted as unprobed;
+3. tag completeness: every parameter tagged, every decoupled layer's gamma tagged ``wn_gamma``, and
+   the 1-D parameters whose role is unknown (``other_1d``) listed;
+4. export after training: every parameter perturbed (as training would move it), exported to the
+   plain architecture, loaded into a fresh one with ``strict=True``, outputs compared.
+
+Inputs are 64 px where the model takes them (``img_size=64`` for models built for a size), else the
+model's own size. Prints a markdown table and a summary; ``--json`` writes every record.
 """
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
 import time
-from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-import torch
+# One per timm family (name prefix), the fewest parameters in the family; then the ViT variants with
+# a distinct structure, then torchvision's families.
+TIMM = """
+aimv2_large_patch14_224 bat_resnext26ts beit_base_patch16_224 beitv2_base_patch16_224 botnet26t_256
+caformer_s18 cait_xxs24_224 coat_tiny coatnet_pico_rw_224 coatnext_nano_rw_224 convformer_s18
+convit_tiny convmixer_768_32 convnext_zepto_rms convnextv2_atto cpubone_nano crossvit_tiny_240
+cs3darknet_focus_s csatv2 cspdarknet53 cspnext_tiny cspresnet50 cspresnext50 darknet17 darknetaa53
+davit_tiny deepseek_vit_412m deit_tiny_patch16_224 densenet121 densenetblur121d dla46x_c
+dm_nfnet_f0 dpn48b eca_resnext26ts ecaresnet26t ecaresnetlight ecaresnext26t_32x4d edgenext_xx_small
+efficientformer_l1 efficientformerv2_s0 efficientnet_lite0 efficientnetv2_rw_t efficientvim_m1
+efficientvit_b0 ese_vovnet19b_slim_dw eva02_tiny_patch14_224 fasternet_t0 fastvit_t8 fbnetc_100
+fbnetv3_b flexivit_small focalnet_tiny_srf gc_efficientnetv2_rw_t gcresnet33ts gcresnext26ts
+gcvit_xxtiny gemma4_vit_167m_enc gernet_s ghostnet_050 ghostnetv3_050 gmixer_12_224 gmlp_ti16_224
+halo2botnet50ts_256 halonet_h1 haloregnetz_b hardcorenas_b hgnet_tiny hgnetv2_b0 hiera_tiny_224
+hieradet_small hrnet_w18_small iformer_t inception_next_atto lambda_resnet26t lamhalobotnet50ts_256
+lcnet_035 lcnetv2_small legacy_senet154 legacy_seresnet18 legacy_seresnext26_32x4d legacy_xception
+levit_128s lowformer_b0 mambaout_femto maxvit_pico_rw_256 maxxvit_rmlp_nano_rw_256
+maxxvitv2_nano_rw_256 mixer_s16_224 mixnet_s mnasnet_small mobilenet_edgetpu_100 mobilenetv2_035
+mobileone_s1 mobilevit_xxs mobilevitv2_050 mvitv2_tiny naflexvit_base_patch16_parfac_gap
+nasnetalarge nest_tiny nextvit_small nf_regnet_b0 nfnet_l0 pit_ti_224 pnasnet5large poolformer_s12
+poolformerv2_s12 pvt_v2_b0 qwen3_vit_88m rdnet_tiny regnetv_040 regnetx_002 regnety_002
+regnetz_005 repghostnet_050 repvgg_a0 repvit_m1 res2next50 resmlp_12_224 resnest14d resnet10t
+resnetaa34d resnetblur18 resnetrs50 resnetv2_18 resnext26ts rexnet_100 rexnetr_100 sam2_hiera_tiny
+samvit_base_patch16_224 sebotnet33ts_256 sedarknet21 sehalonet33ts selecsls42 senet154 sequencer2d_s
+seresnet18 seresnetaa50d seresnext26ts seresnextaa101d_32x8d shvit_s1 skresnet18 skresnext50_32x4d
+spnasnet_100 starnet_s050 swiftformer_xs swin_tiny_patch4_window7_224 swinv2_cr_tiny_224
+tf_efficientnet_lite0 tf_efficientnetv2_b0 tf_mixnet_s tf_mobilenetv3_small_075 tiny_vit_5m_224
+tinynet_e tnt_s_legacy_patch16_224 tresnet_m twins_svt_small vgg11 visformer_tiny vitamin_small_224
+volo_d1_224 vovnet39a wide_resnet50_2 xception41p xcit_nano_12_p8_224
+vit_tiny_patch16_224 vit_relpos_small_patch16_224 vit_srelpos_small_patch16_224 vit_tiny_r_s16_p8_224
+vit_medium_patch16_gap_256 vit_small_patch16_rope_224 resnet18 efficientnet_b0 mobilenetv3_small_050
+""".split()
+TORCHVISION = """
+alexnet convnext_tiny densenet121 efficientnet_b0 efficientnet_v2_s googlenet inception_v3 maxvit_t
+mnasnet0_5 mobilenet_v2 mobilenet_v3_small regnet_x_400mf regnet_y_400mf resnet18 resnext50_32x4d
+shufflenet_v2_x0_5 squeezenet1_0 swin_t swin_v2_t vgg11 vgg11_bn vit_b_16 wide_resnet50_2
+""".split()
+ZOO = TIMM + [f"torchvision:{name}" for name in TORCHVISION]
 
-from sgdph_tools.models.factory import ModelSpec, create_model
-from sgdph_tools.surgery.rewrite import (
-    DECOUPLED,
-    NORMALISED,
-    NOT_CONVERTIBLE,
-    WEIGHT_STANDARDISED,
-    convert,
-    example_input_for,
-)
 
-ZOO = [
-    ("resnet18", {}, 64),
-    ("resnet50d", {}, 64),
-    ("vgg11", {}, 64),
-    ("vgg11_bn", {}, 64),
-    ("efficientnet_b0", {}, 64),
-    ("tf_efficientnet_b0", {}, 64),
-    ("mobilenetv3_small_050", {}, 64),
-    ("ghostnet_100", {}, 64),
-    ("regnetx_002", {}, 64),
-    ("densenet121", {}, 64),
-    ("repvgg_a0", {}, 64),
-    ("cspresnet50", {}, 64),
-    ("convnext_atto", {}, 64),
-    ("edgenext_xx_small", {}, 64),
-    ("poolformer_s12", {}, 64),
-    ("nf_resnet26", {}, 64),
-    ("dm_nfnet_f0", {}, 64),
-    ("vit_tiny_patch16_224", {}, 224),
-    ("deit_tiny_patch16_224", {}, 224),
-    ("eva02_tiny_patch14_224", {}, 224),
-    ("swin_tiny_patch4_window7_224", {}, 224),
-    ("levit_128s", {}, 224),
-    ("xcit_nano_12_p16_224", {}, 224),
-    ("coatnet_nano_rw_224", {}, 224),
-    ("mobilevit_xxs", {}, 64),
-    ("hiera_tiny_224", {}, 224),
-    ("nest_tiny", {}, 224),
-    ("mixer_b16_224", {}, 224),
-    ("resnet18_cifar", {}, 32),
-    ("resnet50_cifar", {}, 32),
-    ("vgg11_cifar", {}, 32),
-    ("vgg19_cifar", {}, 32),
-    ("vgg11_nobn", {}, 32),
-    ("vgg19_nobn", {}, 32),
-    ("torchvision:resnet18", {}, 64),
-    ("torchvision:vgg11", {}, 64),
-    ("torchvision:mobilenet_v3_small", {}, 64),
-    ("torchvision:efficientnet_b0", {}, 64),
-    ("torchvision:convnext_tiny", {}, 64),
-    ("torchvision:swin_t", {}, 64),
-    ("torchvision:vit_b_16", {}, 224),
-]
+def _build(name: str):
+    """The model and an example batch: 64 px where it takes them, else its own size."""
+    import torch
+
+    from sgdph_tools.models.factory import ModelSpec, create_model
+    from sgdph_tools.surgery.rewrite import example_input_for
+
+    size_kw = "image_size" if name.startswith("torchvision:") else "img_size"
+    last = None
+    for kwargs, size in (({size_kw: 64}, 64), ({}, 64), ({}, None)):
+        try:
+            torch.manual_seed(0)
+            spec = ModelSpec.parse(name, num_classes=10, **kwargs)
+            model = create_model(spec).eval()
+            x = example_input_for(model, size)
+            with torch.no_grad():
+                model(x)
+            return spec, model.train(), x
+        except Exception as exc:  # noqa: BLE001 -- the next, larger attempt
+            last = exc
+    raise RuntimeError(f"does not build or run: {type(last).__name__}: {str(last)[:160]}")
+
+
+def measure(name: str) -> dict:
+    """Everything for one model (runs in a child process)."""
+    import copy
+
+    import torch
+
+    from sgdph_tools.models.factory import create_model
+    from sgdph_tools.surgery.export import export_plain
+    from sgdph_tools.surgery.probe import TOLERANCE, ChannelScaleProbe
+    from sgdph_tools.surgery.rewrite import DECOUPLED, NORMALISED, NOT_CONVERTIBLE, WEIGHT_STANDARDISED, convert
+    from sgdph_tools.tagging import BIAS, OTHER_1D, WN_GAMMA, tag_parameters
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    record: dict = {"model": name}
+    spec, model, x = _build(name)
+    record["input"] = list(x.shape[1:])
+    original = copy.deepcopy(model)
+    converted, report = convert(model, example_input=x)
+    counts = report.counts()
+    record.update(
+        layers=len(report.layers),
+        decoupled=counts.get(DECOUPLED, 0),
+        normalised=counts.get(NORMALISED, 0),
+        weight_standardised=counts.get(WEIGHT_STANDARDISED, 0),
+        not_convertible=counts.get(NOT_CONVERTIBLE, 0),
+        output_error=report.max_abs_error,
+    )
+
+    # 2. every decision against the probe
+    probe = None
+    wrong, redundant, unprobed, probed_by_convert = [], [], [], 0
+    for layer in report.layers:
+        change = layer.probe_change
+        if change is None and layer.action in (DECOUPLED, NORMALISED):
+            probe = probe or ChannelScaleProbe(original, x)
+            change = probe.relative_change(layer.name)
+        else:
+            probed_by_convert += change is not None
+        if layer.action not in (DECOUPLED, NORMALISED):
+            continue
+        if change is None:
+            unprobed.append(layer.name)
+        elif layer.action == NORMALISED and change >= TOLERANCE:
+            wrong.append(f"{layer.name} ({change:.1e})")
+        elif layer.action == DECOUPLED and change < TOLERANCE:
+            redundant.append(f"{layer.name} ({change:.1e})")
+    record.update(
+        probed_by_convert=probed_by_convert,
+        wrong_decisions=wrong,
+        redundant_gammas=redundant,
+        unprobed=unprobed,
+    )
+
+    # 3. tags
+    tags = tag_parameters(converted)
+    names = [n for n, _ in converted.named_parameters()]
+    untagged = [n for n in names if n not in tags]
+    gammas = {f"{layer}.gamma" for layer in report.decoupled}
+    mistagged = [n for n in gammas if n in tags and tags[n].kind != WN_GAMMA]
+    mistagged += [n for n in (f"{layer}.bias" for layer in report.decoupled) if n in tags and tags[n].kind != BIAS]
+    record.update(
+        parameters=len(names),
+        untagged=untagged,
+        mistagged=mistagged,
+        other_1d=[n for n, t in tags.items() if t.kind == OTHER_1D],
+    )
+
+    # 4. export after a perturbation of every parameter (as training moves them)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in converted.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    try:
+        state_dict, error = export_plain(converted, spec, x.shape[-1])
+        plain = create_model(spec)
+        plain.load_state_dict(state_dict, strict=True)
+        record.update(export="strict", export_error=error)
+    except Exception as exc:  # noqa: BLE001 -- a finding, not a crash
+        record.update(export=f"failed: {type(exc).__name__}: {str(exc)[:160]}", export_error=None)
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def _child(name: str, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, __file__, "--one", name]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "failed": f"over the {timeout:.0f} s limit", "seconds": time.perf_counter() - start}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"model": name, "failed": tail[:200], "seconds": time.perf_counter() - start}
+    return json.loads(lines[-1])
+
+
+def _row(r: dict) -> str:
+    if "failed" in r:
+        return f"| {r['model']} | failed: {r['failed']} |" + " |" * 9
+    n = len
+    export = "strict" if r["export"] == "strict" else r["export"][:60]
+    error = f"{r['export_error']:.0e}" if r.get("export_error") is not None else "-"
+    return (
+        f"| {r['model']} | {r['layers']} | {r['decoupled']} | {r['normalised']} | {r['weight_standardised']} | "
+        f"{r['not_convertible']} | {n(r['wrong_decisions'])} | {n(r['redundant_gammas'])} | {n(r['unprobed'])} | "
+        f"{n(r['untagged']) + n(r['mistagged'])} / {n(r['other_1d'])} | {export} ({error}) | {r['seconds']:.0f} |"
+    )
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], help="glob on model names (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="models converted at a time (one thread each)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    parser.add_argument("--json", type=Path, help="write every record to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)), flush=True)
+        return
+    names = [z for z in ZOO if not args.only or any(fnmatch.fnmatch(z, p) for p in args.only)]
     print(
         "| model | conv/linear | decoupled | already normalised | weight-standardised | not convertible | "
-        "decided by | max output error |"
+        "wrong decisions | redundant gammas | unprobed | untagged or mistagged / other_1d | export | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, kwargs, size in ZOO:
-        start = time.perf_counter()
-        spec = ModelSpec.parse(name, num_classes=10, **kwargs)
-        model = create_model(spec)
-        try:
-            model, report = convert(model, example_input=example_input_for(model, size))
-        except Exception as exc:  # noqa: BLE001 -- report, do not stop the table
-            print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} |||||||")
-            continue
-        c = report.counts()
-        evidence = ", ".join(f"{k} {v}" for k, v in Counter(layer.evidence for layer in report.layers).most_common())
-        reasons = sorted({layer.detail.split(":")[0] for layer in report.layers if layer.action == NOT_CONVERTIBLE})
-        bad = f"{c.get(NOT_CONVERTIBLE, 0)}" + (f" ({'; '.join(reasons)})" if reasons else "")
-        print(
-            f"| {name} | {len(report.layers)} | {c.get(DECOUPLED, 0)} | {c.get(NORMALISED, 0)} | "
-            f"{c.get(WEIGHT_STANDARDISED, 0)} | {bad} | {evidence} | {report.max_abs_error:.1g} |",
-            flush=True,
-        )
-        del model
-        _ = time.perf_counter() - start
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    records = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for record in pool.map(lambda n: _child(n, args.timeout), names):
+            records.append(record)
+            print(_row(record), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(records, indent=1))
+    ok = [r for r in records if "failed" not in r]
+    total = {k: sum(len(r[k]) for r in ok) for k in ("wrong_decisions", "redundant_gammas", "unprobed")}
+    exported = sum(r["export"] == "strict" for r in ok)
+    print(
+        f"\n{len(ok)} of {len(records)} models converted; {sum(r['layers'] for r in ok)} conv/linear layers; "
+        f"wrong decisions {total['wrong_decisions']}, redundant gammas {total['redundant_gammas']}, "
+        f"unprobed {total['unprobed']}; exported strict {exported} of {len(ok)}; "
+        f"median {sorted(r['seconds'] for r in ok)[len(ok) // 2] if ok else 0:.0f} s per model"
+    )
 
 
 if __name__ == "__main__":

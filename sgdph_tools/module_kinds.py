@@ -54,6 +54,22 @@ _TIMM_NORMS: tuple[type, ...] = _timm_classes(
 
 NORM_TYPES: tuple[type, ...] = _TORCH_NORMS + _TIMM_NORMS
 
+# Norms that remove each channel's own scale, so that a layer feeding one has a redundant per-channel
+# scale ("already normalised"): BatchNorm and InstanceNorm, GroupNorm with one channel per group, and
+# timm's FilterResponseNorm (x / sqrt(mean over space of x^2)). LayerNorm over channels and RMSNorm
+# remove only a common scale, GroupNorm one per group, LocalResponseNorm neither.
+_FILTER_RESPONSE_NORMS: tuple[type, ...] = _timm_classes("FilterResponseNormTlu2d", "FilterResponseNormAct2d")
+
+
+def removes_channel_scale(module: nn.Module) -> bool:
+    """A norm layer that removes each channel's scale (see above)."""
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return True
+    if isinstance(module, _FILTER_RESPONSE_NORMS):
+        return True
+    return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
+
+
 # Per-channel learnable scales on a residual branch (CaiT/ConvNeXt/ViT "layer scale").
 LAYER_SCALE_TYPES: tuple[type, ...] = _timm_classes("LayerScale", "LayerScale2d")
 

@@ -6,7 +6,10 @@ a submodule whose forward does not trace (control flow on values) is made a leaf
 From a conv/linear node the analysis follows the output through shape-only ops (permute, reshape,
 flatten, transpose, view, contiguous, ...) and identity-like modules, ignores users that only read
 its shape (``size()``, ``reshape_as(x)``'s argument, ...), and decides that the layer feeds a norm when
-every real consumer is a norm module or a functional norm (``F.batch_norm``, ``F.layer_norm``, ...).
+every real consumer is a norm that removes each channel's own scale (BatchNorm, InstanceNorm, GroupNorm
+with a channel per group, FilterResponseNorm; ``F.batch_norm``, ``F.instance_norm``): LayerNorm over
+channels, RMSNorm and GroupNorm by groups remove only a common scale, so a layer feeding them keeps a
+real per-channel scale (``module_kinds.removes_channel_scale``; the probe checks it numerically).
 
 Layers the top-level graph does not show as module calls are still decided, and the report says how
 (``evidence``):
@@ -16,7 +19,7 @@ Layers the top-level graph does not show as module calls are still decided, and 
   a wrapped attention function) is decided from what that op feeds;
 - ``leaf output``: the last layer of a leaf that does not trace inherits the leaf's consumers;
 - ``module order``: anything else (or everything, when the model does not trace): does a norm layer
-  come next in registration order?
+  come next in registration order (one that removes each channel's scale)?
 
 The graph is only used to decide; the eager model is never replaced by a GraphModule.
 """
@@ -106,6 +109,8 @@ def _norm_functions() -> set:
 
 
 NORM_FUNCTIONS = _norm_functions()
+# The functional norms among them that remove each channel's own scale (module_kinds.removes_channel_scale).
+CHANNEL_NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
 
 
 @dataclass
@@ -242,14 +247,15 @@ def _short(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _describe_norm(consumer: fx.Node, modules: dict[str, nn.Module], prefix: str) -> str | None:
-    """A description of ``consumer`` if it is a normalisation, else None."""
+def _describe_norm(consumer: fx.Node, modules: dict[str, nn.Module], prefix: str) -> tuple[str, bool] | None:
+    """``(description, removes each channel's scale)`` if ``consumer`` is a normalisation, else None."""
     if consumer.op == "call_module":
         m = modules.get(consumer.target)
         if m is not None and module_kinds.is_norm(m):
-            return f"{type(m).__name__} '{prefix}{consumer.target}'"
+            return f"{type(m).__name__} '{prefix}{consumer.target}'", module_kinds.removes_channel_scale(m)
     elif consumer.op == "call_function" and consumer.target in NORM_FUNCTIONS:
-        return f"{getattr(consumer.target, '__module__', '')}.{consumer.target.__name__}".lstrip(".")
+        name = f"{getattr(consumer.target, '__module__', '')}.{consumer.target.__name__}".lstrip(".")
+        return name, consumer.target in CHANNEL_NORM_FUNCTIONS
     return None
 
 
@@ -278,7 +284,12 @@ def _decide_node(node, modules, prefix, output_context) -> tuple[bool, str] | No
                 others.append(f"{output_context[1]} (after its leaf module){via}")
             continue
         norm = _describe_norm(consumer, modules, prefix)
-        (norms if norm else others).append((norm or _short(consumer)) + via)
+        if norm is None:
+            others.append(_short(consumer) + via)
+        elif norm[1]:
+            norms.append(norm[0] + via)
+        else:  # LayerNorm, RMSNorm, GroupNorm by groups: only a common scale goes, the layer's own stays
+            others.append(f"{norm[0]} (does not remove each channel's scale){via}")
     if others:
         return False, "feeds " + ", ".join(others[:3]) + (" and a norm" if norms else "")
     return True, "feeds " + ", ".join(norms[:3])
@@ -369,7 +380,7 @@ def _module_order_decision(name: str, order: list[tuple[str, nn.Module]], why: s
     for next_name, next_module in order[index + 1 :]:
         if next_name.startswith(name + "."):
             continue
-        if module_kinds.is_norm(next_module):
+        if module_kinds.removes_channel_scale(next_module):
             return True, f"{why}; the next layer in module order is {type(next_module).__name__} '{next_name}'"
         return False, f"{why}; the next layer in module order is {type(next_module).__name__} '{next_name}'"
     return False, f"{why}; it is the last layer in module order"

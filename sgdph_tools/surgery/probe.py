@@ -43,14 +43,6 @@ from ..tagging import find_classifiers
 TOLERANCE = 1e-11
 
 
-def removes_channel_scale(module: nn.Module) -> bool:
-    """A norm layer that removes each channel's scale (BatchNorm, InstanceNorm, GroupNorm with one
-    channel per group). A model without one has no normalised layer by the definition above."""
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        return True
-    return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
-
-
 def _stochastic(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(module, nn.modules.dropout._DropoutNd) or "DropPath" in name or "StochasticDepth" in name

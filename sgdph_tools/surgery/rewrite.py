@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from .. import checks, module_kinds
 from ..errors import UserError
+from ..module_kinds import removes_channel_scale
 from .graph import analyse
 from .probe import TOLERANCE as PROBE_TOLERANCE
-from .probe import ChannelScaleProbe, removes_channel_scale, tensors_in
+from .probe import ChannelScaleProbe, tensors_in
 from .wn_layers import to_weight_norm, unconvertible_reason
 
 # Actions in the report.
@@ -47,6 +48,9 @@ class LayerReport:
     feeds_norm: bool
     evidence: str  # how the decision was made: graph, leaf graph, module order, checkpoint
     detail: str
+    # the probe's measurement: relative change of the train-mode output when the layer's output
+    # channels are scaled (surgery/probe.py); None where the layer was not probed or could not be
+    probe_change: float | None = None
 
 
 @dataclass
@@ -253,7 +257,7 @@ def convert(
         else:
             reason = unconvertible_reason(module)
             action, detail = (NOT_CONVERTIBLE, reason) if reason else (DECOUPLED, detail)
-        reports.append(LayerReport(name, decision.layer_type, action, feeds_norm, evidence, detail))
+        reports.append(LayerReport(name, decision.layer_type, action, feeds_norm, evidence, detail, change))
 
     if forced is not None:
         missing = forced - {r.name for r in reports}

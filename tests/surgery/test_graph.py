@@ -20,7 +20,8 @@ class Patterns(nn.Module):
         self.conv_perm_ln, self.ln = nn.Conv2d(4, 4, 1), nn.LayerNorm(4)  # convnext: through a permute
         self.lin_levit, self.bn1d = nn.Linear(4, 4), nn.BatchNorm1d(4)  # levit: bn(x.flatten(0, 1)).reshape_as(x)
         self.conv_act, self.bn_after_act = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
-        self.conv_fn = nn.Conv2d(4, 4, 1)  # F.group_norm
+        self.conv_fn = nn.Conv2d(4, 4, 1)  # F.group_norm over 2 groups: one scale per group goes, not each channel's
+        self.conv_fn_in = nn.Conv2d(4, 4, 1)  # F.instance_norm: each channel's scale goes
         self.conv_two_users, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
         self.conv_drop, self.drop, self.bn3 = nn.Conv2d(4, 4, 1), nn.Dropout(0.1), nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 2)
@@ -34,6 +35,7 @@ class Patterns(nn.Module):
         x = t.transpose(1, 2).reshape(x.shape)
         x = self.bn_after_act(torch.relu(self.conv_act(x)))
         x = F.group_norm(self.conv_fn(x), 2)
+        x = F.instance_norm(self.conv_fn_in(x))
         y = self.conv_two_users(x)
         x = self.bn2(y) + y
         x = self.bn3(self.drop(self.conv_drop(x)))
@@ -43,16 +45,20 @@ class Patterns(nn.Module):
 def test_patterns_of_real_models():
     assert decided(Patterns()) == {
         "conv_bn": (True, GRAPH),
-        "conv_perm_ln": (True, GRAPH),
+        "conv_perm_ln": (False, GRAPH),  # LayerNorm over channels removes only a common scale
         "lin_levit": (True, GRAPH),
         "conv_act": (False, GRAPH),
-        "conv_fn": (True, GRAPH),
+        "conv_fn": (False, GRAPH),
+        "conv_fn_in": (True, GRAPH),
         "conv_two_users": (False, GRAPH),
         "conv_drop": (True, GRAPH),
         "head": (False, GRAPH),
     }
     details = {n: d.detail for n, d in analyse(Patterns()).decisions.items()}
-    assert "permute" in details["conv_perm_ln"] and "LayerNorm" in details["conv_perm_ln"]
+    assert (
+        "permute" in details["conv_perm_ln"]
+        and "LayerNorm 'ln' (does not remove each channel's scale)" in details["conv_perm_ln"]
+    )
     assert details["head"] == "feeds the model output"
 
 
@@ -98,10 +104,10 @@ def test_a_model_that_does_not_trace_falls_back_to_module_order():
 
 
 class ReadsWeight(nn.Module):
-    def __init__(self):
+    def __init__(self, norm: nn.Module):
         super().__init__()
         self.proj = nn.Linear(4, 4)
-        self.norm = nn.LayerNorm(4)
+        self.norm = norm
         self.out = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -109,9 +115,11 @@ class ReadsWeight(nn.Module):
 
 
 def test_a_layer_used_through_its_weight_is_decided_from_that_use():
-    analysis = analyse(ReadsWeight())
-    assert decided(ReadsWeight())["proj"] == (True, WEIGHT_USE)
+    analysis = analyse(ReadsWeight(nn.BatchNorm1d(4)))
+    assert decided(ReadsWeight(nn.BatchNorm1d(4)))["proj"] == (True, WEIGHT_USE)
     assert "read by linear" in analysis.decisions["proj"].detail
+    # swin_v2's attention reads its weights so, then a LayerNorm: that keeps each channel's scale
+    assert decided(ReadsWeight(nn.LayerNorm(4)))["proj"] == (False, WEIGHT_USE)
 
 
 class Shared(nn.Module):

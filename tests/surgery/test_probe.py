@@ -77,10 +77,16 @@ def decisions(model):
     ],
     ids=["batchnorm", "groupnorm-per-channel", "instancenorm", "groupnorm-2-groups", "layernorm-channels", "lrn"],
 )
-def test_what_normalised_means_is_decided_by_the_probe(norm, expected):
+def test_what_normalised_means_is_decided_by_the_graph_and_checked_by_the_probe(norm, expected):
     conv = decisions(ConvInto(norm))["conv"]
     assert conv.action == expected, conv.detail
-    assert "probe" in conv.evidence and "probe: scaling its output channels" in conv.detail
+    if expected == NORMALISED:  # every "normalised" decision is checked on the computation
+        assert "probe" in conv.evidence and "probe: scaling its output channels" in conv.detail
+        assert conv.probe_change < TOLERANCE
+    else:  # no norm here removes a channel's own scale: the graph says so, and the probe agrees
+        assert conv.evidence == "graph" and "does not remove each channel's scale" in conv.detail
+        torch.manual_seed(0)
+        assert ChannelScaleProbe(ConvInto(norm), torch.randn(2, 3, 8, 8)).relative_change("conv") > TOLERANCE
 
 
 def test_a_layer_behind_a_concat_and_batchnorm_is_normalised_no_redundant_gamma():
