@@ -103,33 +103,53 @@ class ChannelScaleProbe:
         when the layer is never called as a module (another op reads its weight, as
         ``nn.MultiheadAttention`` reads ``out_proj.weight``) or its output is all zeros (a
         zero-initialised head): then there is nothing the probe can scale."""
-        layer = self.model.get_submodule(name)
-        channel_dim = -1 if isinstance(layer, nn.Linear) or hasattr(layer, "in_features") else 1
-        factors: dict[str, torch.Tensor] = {}
+        change, scaled = self.joint_change([name])
+        return change if scaled else None
 
-        def scale(_module, _inputs, tensor):
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                return None  # not a conv/linear output: left as it is
-            channels = tensor.shape[channel_dim]
-            factors["called"] = True
-            factors["nonzero"] = factors.get("nonzero", False) or bool(tensor.abs().max() > 0)
-            if "f" not in factors:  # the same factors for every call (a shared layer called twice)
-                exponent = 2 * torch.rand(channels, generator=self.generator, dtype=torch.float64) - 1
-                factors["f"] = 10.0**exponent
-            shape = [1] * tensor.ndim
-            shape[channel_dim] = channels
-            return tensor * factors["f"].view(shape).to(tensor.device)
+    @torch.no_grad()
+    def joint_change(self, names: list[str]) -> tuple[float, list[str]]:
+        """The relative change when the output channels of every layer in ``names`` are scaled at once,
+        each by its own random factors, and the layers that were scaled (called as a module, with a
+        non-zero output). A change below :data:`TOLERANCE` shows every scaled layer redundant in one
+        forward: independent random factors cannot cancel between layers (except on a set of measure
+        zero), so the set is invariant only if each layer is. A larger change says that at least one
+        is not, and which needs a test of its own."""
+        factors: dict[str, dict] = {name: {} for name in names}
 
-        handle = layer.register_forward_hook(scale)
+        def scaler(name: str, channel_dim: int):
+            mine = factors[name]
+
+            def scale(_module, _inputs, tensor):
+                if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                    return None  # not a conv/linear output: left as it is
+                channels = tensor.shape[channel_dim]
+                mine["called"] = True
+                mine["nonzero"] = mine.get("nonzero", False) or bool(tensor.abs().max() > 0)
+                if "f" not in mine:  # the same factors for every call (a shared layer called twice)
+                    exponent = 2 * torch.rand(channels, generator=self.generator, dtype=torch.float64) - 1
+                    mine["f"] = 10.0**exponent
+                shape = [1] * tensor.ndim
+                shape[channel_dim] = channels
+                return tensor * mine["f"].view(shape).to(tensor.device)
+
+            return scale
+
+        handles, classifier = [], False
+        for name in names:
+            layer = self.model.get_submodule(name)
+            channel_dim = -1 if isinstance(layer, nn.Linear) or hasattr(layer, "in_features") else 1
+            handles.append(layer.register_forward_hook(scaler(name, channel_dim)))
+            classifier = classifier or id(layer) in self.classifiers
         try:
             changed = self._run()
         finally:
-            handle.remove()
-        if "called" not in factors or not factors["nonzero"]:
-            return None  # never called as a module, or its output is all zeros (a zero-initialised head)
-        # the classifier itself, or a model whose classifier is not found: the output; else the features
-        where = "output" if id(layer) in self.classifiers or not self.baseline["features"] else "features"
+            for handle in handles:
+                handle.remove()
+        # never called as a module, or an all-zero output (a zero-initialised head): nothing was scaled
+        scaled = [name for name in names if factors[name].get("called") and factors[name].get("nonzero")]
+        # a classifier among them, or a model whose classifier is not found: the output; else the features
+        where = "output" if classifier or not self.baseline["features"] else "features"
         before, after = self.baseline[where], changed[where]
         top = max((b.abs().max().item() for b in before if b.numel()), default=0.0) or 1.0
         diffs = [(a - b).abs().max().item() for a, b in zip(after, before) if a.numel()]
-        return max(diffs, default=0.0) / top
+        return max(diffs, default=0.0) / top, scaled

@@ -207,13 +207,30 @@ def convert(
     # Without a norm that removes per-channel scales, no layer can be normalised: there only the
     # graph's "normalised" decisions need the probe (it costs a float64 forward per layer).
     any_channel_norm = any(removes_channel_scale(m) for m in model.modules())
+    # The layers the graph calls normalised are probed together first: one forward confirms them all
+    # when the set is invariant (a BN network's convs; ResNet-50 needs 1 forward instead of 53),
+    # otherwise each is probed on its own.
+    together: dict[str, float] = {}
+    if probe is not None:
+        proposed = [
+            n
+            for n, d in analysis.decisions.items()
+            if d.feeds_norm and module_kinds.is_conv_or_linear(model.get_submodule(n))
+        ]
+        if len(proposed) > 1:
+            change, scaled = probe.joint_change(proposed)
+            if change < PROBE_TOLERANCE:
+                together = dict.fromkeys(scaled, change)
     reports: list[LayerReport] = []
     for name, decision in analysis.decisions.items():
         module = model.get_submodule(name)
         evidence, detail = decision.evidence, decision.detail
         feeds_norm = decision.feeds_norm
         probed = probe is not None and module_kinds.is_conv_or_linear(module) and (any_channel_norm or feeds_norm)
-        change = probe.relative_change(name) if probed else None
+        if name in together:
+            change = together[name]
+        else:
+            change = probe.relative_change(name) if probed else None
         if probed and change is None:
             detail = (
                 f"{detail}; probe: nothing to scale (not called as a module, or an all-zero output), "
@@ -226,9 +243,15 @@ def convert(
                 detail = f"{detail}; but the {evidence} decision ({graph_said}) is overruled by the probe"
             feeds_norm = redundant
             evidence = f"{evidence} + probe"
+            jointly = (
+                f" with those of the {len(together) - 1} other layers the graph calls normalised"
+                if name in together
+                else ""
+            )
+            verdict = "redundant" if redundant else "a real scale"
             detail = (
-                f"{detail}; probe: scaling its output channels changes the train-mode output by {change:.1e} "
-                f"(relative; {'redundant' if redundant else 'a real scale'} at tolerance {PROBE_TOLERANCE:g})"
+                f"{detail}; probe: scaling its output channels{jointly} changes the train-mode output by "
+                f"{change:.1e} (relative; {verdict} at tolerance {PROBE_TOLERANCE:g})"
             )
         also = [p for p in paths[id(module)] if p != name]
         if also:  # one module under several names: converted once, every name keeps pointing at it

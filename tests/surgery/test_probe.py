@@ -117,3 +117,23 @@ def test_a_layer_the_probe_cannot_scale_keeps_the_graph_decision():
     _, report = convert(FunctionalUse(), example_input=torch.randn(2, 4))
     proj = next(layer for layer in report.layers if layer.name == "proj")
     assert "probe: nothing to scale" in proj.detail and "probe" not in proj.evidence
+
+
+def test_layers_the_graph_calls_normalised_are_confirmed_together_and_a_real_scale_among_them_shows():
+    torch.manual_seed(0)
+    model, x = ConcatThenBN(), torch.randn(2, 3, 8, 8)
+    probe = ChannelScaleProbe(model, x)
+    change, scaled = probe.joint_change(["a", "b"])  # both feed the BatchNorm (through a concat)
+    assert change < TOLERANCE and scaled == ["a", "b"]
+    change, scaled = probe.joint_change(["a", "b", "head.fc"])  # the head's scale is real
+    assert change > 1e-3 and scaled == ["a", "b", "head.fc"]
+    # convert: BatchNorm'd convs confirmed in one forward, each with the measurement
+    two_bn = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )  # fmt: skip
+    found = decisions(two_bn)
+    for conv in ("0", "3"):
+        assert found[conv].action == NORMALISED and found[conv].probe_change < TOLERANCE
+        assert "with those of the 1 other layers the graph calls normalised" in found[conv].detail
+    assert found["8"].action == DECOUPLED and found["8"].probe_change > 1e-3  # the head: on its own
