@@ -98,6 +98,57 @@ def _build(name: str):
     raise RuntimeError(f"does not build or run: {type(last).__name__}: {str(last)[:160]}")
 
 
+#: Relative derivative above which a layer's channel scale is certainly real (rounding gives ~1e-14).
+DERIVATIVE_SHOWS_REAL = 1e-8
+
+
+def scale_derivatives(probe, names: list[str]) -> dict[str, float]:
+    """For each layer, ``max_c |∂L/∂s_c| / Σ |∂L/∂y ⊙ y|`` at s = 1, where s scales the layer's output
+    channels and L is a random projection of what the probe compares (features, or the output for a
+    classifier). Invariance under every s makes it zero; a value far above rounding proves the scale
+    real. One forward and one backward in the probe's float64 train-mode copy, for all layers at once."""
+    import torch
+
+    scales, outputs, handles = {}, {}, []
+    for name in names:
+        layer = probe.model.get_submodule(name)
+        channel_dim = -1 if isinstance(layer, torch.nn.Linear) or hasattr(layer, "in_features") else 1
+
+        def hook(_m, _i, out, name=name, channel_dim=channel_dim):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or name in scales:
+                return None
+            s = torch.ones(out.shape[channel_dim], dtype=out.dtype, requires_grad=True)
+            shape = [1] * out.ndim
+            shape[channel_dim] = -1
+            scales[name], y = s, out * s.view(shape)
+            y.retain_grad()
+            outputs[name] = y
+            return y
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            probe.features = []
+            out = probe.model(probe.x)
+            from sgdph_tools.surgery.probe import tensors_in
+
+            compared = [t for t in probe.features if isinstance(t, torch.Tensor)] + tensors_in(out)
+            gen = torch.Generator().manual_seed(2)
+            loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in compared)
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for name, s in scales.items():
+        y = outputs[name]
+        if s.grad is None or y.grad is None:
+            continue
+        total = (y.grad * y).abs().sum().item()
+        result[name] = s.grad.abs().max().item() / total if total > 0 else 0.0
+    return result
+
+
 def measure(name: str) -> dict:
     """Everything for one model (runs in a child process)."""
     import copy
@@ -127,16 +178,24 @@ def measure(name: str) -> dict:
         output_error=report.max_abs_error,
     )
 
-    # 2. every decision against the probe
+    # 2. every decision against the probe. Where convert did not probe (decoupled layers of a model
+    # with no per-channel norm), one backward first shows most scales real: a non-zero derivative of
+    # the features along a layer's channel scales rules invariance out; the rest get the probe.
     probe = None
     wrong, redundant, unprobed, probed_by_convert = [], [], [], 0
+    todo = [la.name for la in report.layers if la.probe_change is None and la.action in (DECOUPLED, NORMALISED)]
+    shown_real: dict[str, float] = {}
+    if todo:
+        probe = ChannelScaleProbe(original, x)
+        shown_real = {n: d for n, d in scale_derivatives(probe, todo).items() if d > DERIVATIVE_SHOWS_REAL}
     for layer in report.layers:
         change = layer.probe_change
-        if change is None and layer.action in (DECOUPLED, NORMALISED):
-            probe = probe or ChannelScaleProbe(original, x)
+        if change is not None:
+            probed_by_convert += 1
+        elif layer.name in shown_real:
+            change = float("inf")  # a real scale, shown by its derivative
+        elif layer.action in (DECOUPLED, NORMALISED):
             change = probe.relative_change(layer.name)
-        else:
-            probed_by_convert += change is not None
         if layer.action not in (DECOUPLED, NORMALISED):
             continue
         if change is None:
@@ -147,6 +206,7 @@ def measure(name: str) -> dict:
             redundant.append(f"{layer.name} ({change:.1e})")
     record.update(
         probed_by_convert=probed_by_convert,
+        shown_real_by_derivative=len(shown_real),
         wrong_decisions=wrong,
         redundant_gammas=redundant,
         unprobed=unprobed,
@@ -227,9 +287,13 @@ def main() -> None:
         "wrong decisions | redundant gammas | unprobed | untagged or mistagged / other_1d | export | seconds |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    # --json names an earlier run's file: its finished models are kept (those that failed run again)
+    done = {}
+    if args.json and args.json.is_file():
+        done = {r["model"]: r for r in json.loads(args.json.read_text()) if "failed" not in r}
     records = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for record in pool.map(lambda n: _child(n, args.timeout), names):
+        for record in pool.map(lambda n: done.get(n) or _child(n, args.timeout), names):
             records.append(record)
             print(_row(record), flush=True)
             if args.json:

@@ -153,7 +153,7 @@ def _optimizer(name: str, lr: float, weight_decay: float) -> dict:
     if name in ("sgdph", "sgd"):
         opt["momentum"] = 0.9
     if name == "sgdph":  # the paper's tau_SO, alpha, eps (Section 4, "Experiments Setup")
-        opt.update(so_lr=1e-3, hessian_momentum=0.9, eps=1e-4, estimator="rowsum", engine="autograd")
+        opt.update(so_lr=1e-3, hessian_momentum=0.9, eps=1e-4, estimator="rowsum", engine="autograd", rule="paper")
     return opt
 
 

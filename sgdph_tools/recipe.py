@@ -64,7 +64,7 @@ class OptimizerCfg:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgdph, sgd
     betas: list[float] | None = None  # adam, adamw, adabelief, adahessian (None: their default)
-    eps: float | None = None  # None: the optimizer's default (sgdph: per rule, 1e-4 for paper; adam 1e-8)
+    eps: float | None = None  # None: the optimizer's default (sgdph: per rule, 0.3 normalized, 1e-4 paper; adam 1e-8)
     # SGD-PH only:
     so_lr: float = 1e-3
     hessian_momentum: float = 0.9
@@ -73,7 +73,8 @@ class OptimizerCfg:
     hessian_every: int = 1
     gnb_fraction: float | None = None  # estimator=gnb: its own forward on this fraction of the batch
     authors_code: bool = False  # the authors' released update rule, step for step (docs/algorithm.md)
-    rule: Literal["paper", "damped", "normalized"] = "paper"  # how the curvature scales the step
+    # how the curvature scales the step; normalized since the study of docs/evidence.md (paper: Algorithm 1)
+    rule: Literal["paper", "damped", "normalized"] = "normalized"
     second_order_kinds: list[str] | None = None  # None: every channel-wise 1-D kind
     kwargs: dict[str, Any] = field(default_factory=dict)  # anything else the optimizer takes
 
@@ -132,11 +133,24 @@ class Recipe:
         return yaml.safe_dump(data, sort_keys=False)
 
 
+#: Keys whose default changed after they were introduced, with the value a recorded recipe that predates
+#: the key ran with (``optimizer.rule`` came with the paper's rule as its default; it is ``normalized`` since
+#: the study). ``with_defaults`` fills these in instead of today's default.
+RAN_WITH_BEFORE = {"optimizer": {"rule": "paper"}}
+
+
 def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A recorded recipe (a run's ``recipe.yaml``, a sweep's ``base.yaml``) with the keys it
-    predates filled in with today's defaults -- which keep the behaviour it ran with -- so that it
-    compares equal to a newer recipe of the same settings. Recorded keys are kept as they are."""
-    defaults = Recipe().as_dict() if defaults is None else defaults
+    predates filled in with the behaviour it ran with -- today's defaults, except for the keys whose
+    default has changed since (``RAN_WITH_BEFORE``) -- so that it compares equal to a newer recipe of
+    the same settings. Recorded keys are kept as they are."""
+    if defaults is None:
+        defaults = Recipe().as_dict()
+        for section, keys in RAN_WITH_BEFORE.items():
+            chosen = recorded.get(section, {}).get("name") if isinstance(recorded.get(section), dict) else None
+            for key, value in keys.items():  # only where the key applies (a recorded SGDM run has no rule)
+                if chosen in APPLIES_TO.get(section, {}).get(key, (chosen,)):
+                    defaults[section][key] = value
     merged = dict(defaults)
     for key, value in recorded.items():
         if isinstance(value, dict) and isinstance(defaults.get(key), dict) and defaults[key]:

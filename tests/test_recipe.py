@@ -187,6 +187,11 @@ def test_a_recorded_recipe_that_predates_a_key_gets_its_default_and_keeps_what_i
     assert merged["optimizer"]["rule"] == "paper" and merged["optimizer"]["lr"] == 0.3
     assert merged["model"]["kwargs"] == {"width": 16}  # a recorded dict of free keys is kept whole
     assert with_defaults(Recipe().as_dict()) == Recipe().as_dict()
+    # the rule's default changed (paper -> normalized): a recorded SGD-PH run without it ran the paper's;
+    # for another optimizer the key does not apply and takes today's default, as a new recipe has it
+    assert Recipe().optimizer.rule == "normalized"
+    recorded["optimizer"]["name"] = "sgd"
+    assert with_defaults(recorded)["optimizer"]["rule"] == "normalized"
 
 
 def test_a_recorded_recipe_keeps_loading_though_it_lists_keys_that_do_not_apply():
@@ -199,7 +204,7 @@ def test_a_recorded_recipe_keeps_loading_though_it_lists_keys_that_do_not_apply(
 
 
 def test_an_override_that_changes_the_choice_drops_the_files_settings_for_the_old_one():
-    quickstart = ROOT / "recipes" / "quickstart.yaml"  # SGD-PH, with so_lr, estimator, ... and cosine
+    quickstart = ROOT / "recipes" / "quickstart.yaml"  # SGD-PH, with hessian_momentum, estimator, ... and cosine
     sgd = load_recipe(quickstart, ["optimizer.name=sgd", "optimizer.lr=0.1"])
     assert (sgd.optimizer.name, sgd.optimizer.lr, sgd.optimizer.momentum) == ("sgd", 0.1, 0.9)
     with pytest.raises(UserError, match="'optimizer.so_lr' does not apply to optimizer.name=sgd"):
