@@ -472,8 +472,12 @@ def _check_semantics(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'schedule.milestones' must be increasing, got {s.milestones}")
     if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
         raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
+    # authors_code is the paper's rule: the default rule (normalized) is read as paper there, another is an error
     if o.authors_code and (
-        o.estimator != "rowsum" or o.hessian_every != 1 or o.second_order_kinds is not None or o.rule != "paper"
+        o.estimator != "rowsum"
+        or o.hessian_every != 1
+        or o.second_order_kinds is not None
+        or o.rule not in ("paper", OptimizerCfg.rule)
     ):
         raise UserError(
             "optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, hessian_every=1, "

@@ -91,7 +91,11 @@ def test_authors_code_rejects_settings_it_does_not_take():
     with pytest.raises(UserError, match="authors' rule"):
         recipe_from_dict({"optimizer": {"authors_code": True, "estimator": "hutchinson"}})
     with pytest.raises(UserError, match="rule=paper"):
-        recipe_from_dict({"optimizer": {"authors_code": True, "rule": "normalized"}})
+        recipe_from_dict({"optimizer": {"authors_code": True, "rule": "damped"}})
+    # the default rule (normalized: what a recorded recipe lists) is read as the paper's there
+    model = timm.create_model("small_cnn", num_classes=3, in_chans=1)
+    cfg = recipe_from_dict({"optimizer": {"authors_code": True, "rule": "normalized"}}).optimizer
+    assert build_optimizer(cfg, model).param_groups[0]["rule"] == "paper"
 
 
 @pytest.mark.parametrize("rule,eps,expected_eps", [("damped", None, 0.3), ("normalized", 0.5, 0.5)])

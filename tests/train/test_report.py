@@ -122,8 +122,8 @@ def test_best_per_contender_chooses_on_validation_and_counts_divergence(tmp_path
     runs = (
         grid("sgd", 0.1, [90, 92], [80, 82])  # best sgd on validation
         + grid("sgd", 0.01, [85, 85], [95, 95])  # best on test: must not be chosen
-        + grid("sgdph", 0.1, [99, 99], [99, 99], diverged_seed=1)  # one seed diverged: scores 0 there
-        + grid("sgdph", 0.01, [91, 91], [90, 88])
+        + grid("sgdph", 0.1, [99, 99], [99, 99], diverged_seed=1, rule="paper")  # one seed diverged: scores 0 there
+        + grid("sgdph", 0.01, [91, 91], [90, 88], rule="paper")
         + grid("sgdph", 0.01, [93, 93], [91, 91], authors_code=True)  # another update rule: its own contender
     )
     rows = best_per_contender(runs)
@@ -134,7 +134,7 @@ def test_best_per_contender_chooses_on_validation_and_counts_divergence(tmp_path
     assert (best["sgdph rowsum paper"]["test_mean"], round(best["sgdph rowsum paper"]["test_std"], 3)) == (89.0, 1.414)
     diverging = next(r for r in rows if r["optimizer"] == "sgdph rowsum paper" and r["config"]["optimizer.lr"] == 0.1)
     assert diverging["diverged"] == 1 and diverging["val_mean"] == 49.5 and diverging["seeds"] == [0, 1]
-    assert set(rows[0]["config"]) == {"optimizer.lr", "optimizer.name", "optimizer.authors_code"}
+    assert set(rows[0]["config"]) == {"optimizer.lr", "optimizer.name", "optimizer.authors_code", "optimizer.rule"}
     plot_against_lr(rows, tmp_path / "lr.png")
     assert (tmp_path / "lr.png").stat().st_size > 1000
     with pytest.raises(UserError, match="no validation set"):
