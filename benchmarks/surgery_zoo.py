@@ -9,11 +9,15 @@ runs in its own process with a time limit, on random weights, 10 classes, nothin
 
 1. ``convert`` with the defaults (weight-normalise every conv/linear whose channel scale is real;
    outputs verified, the probe inside it checking the decisions where it runs);
-2. the numerical check of every decision: ``ChannelScaleProbe`` on the original model for each layer
-   that ``convert`` did not probe (its own measurement is in the report for the others). A layer
-   left alone as "already normalised" whose scale is real is a *wrong decision*; a decoupled layer
-   whose scale is redundant is a *redundant gamma*; a layer the probe cannot scale (its weight read by
-   another op) is counted as unprobed;
+2. the numerical check of every decision. ``convert``'s own probe measurements are in its report;
+   every other layer gets a scale-free derivative test first (one backward for all: a non-zero
+   derivative of the features along the layer's channel scales, relative to the layer's own
+   contribution, proves the scale real even behind CaiT's two 1e-5 layer scales, where the probe's
+   output change is only ~1e-12), then ``ChannelScaleProbe``. A layer left alone as "already
+   normalised" whose scale is real is a *wrong decision*; a decoupled layer whose scale is invariant
+   is a *redundant gamma*, unless it is real once the model's all-zero parameters get random values
+   (NFNet's skipinit gains hide whole branches at initialisation): those are counted as invariant at
+   initialisation only; a layer the probe cannot scale (its weight read by another op) is unprobed;
 3. tag completeness: every parameter tagged, every decoupled layer's gamma tagged ``wn_gamma``, and
    the 1-D parameters whose role is unknown (``other_1d``) listed;
 4. export after training: every parameter perturbed (as training would move it), exported to the
@@ -204,7 +208,25 @@ def measure(name: str) -> dict:
             wrong.append(f"{layer.name} ({change:.1e})")
         elif layer.action == DECOUPLED and change < TOLERANCE:
             redundant.append(f"{layer.name} ({change:.1e})")
+    # A scale that no forward sees may still be real: a zero-initialised gain downstream (NFNet's
+    # skipinit) hides it at initialisation. Such layers are counted apart: the zero parameters of a
+    # copy are given random values and the derivative asked again.
+    init_only = []
+    if redundant:
+        names = [r.split(" (")[0] for r in redundant]
+        woken = copy.deepcopy(original)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in woken.parameters():
+                if p.numel() and not p.any():
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        real = {
+            n for n, d in scale_derivatives(ChannelScaleProbe(woken, x), names).items() if d > DERIVATIVE_SHOWS_REAL
+        }
+        init_only = [r for r in redundant if r.split(" (")[0] in real]
+        redundant = [r for r in redundant if r.split(" (")[0] not in real]
     record.update(
+        invariant_at_init_only=init_only,
         probed_by_convert=probed_by_convert,
         shown_real_by_derivative=len(shown_real),
         wrong_decisions=wrong,
@@ -263,9 +285,10 @@ def _row(r: dict) -> str:
     n = len
     export = "strict" if r["export"] == "strict" else r["export"][:60]
     error = f"{r['export_error']:.0e}" if r.get("export_error") is not None else "-"
+    init = f" (+{n(r['invariant_at_init_only'])} at init only)" if r.get("invariant_at_init_only") else ""
     return (
         f"| {r['model']} | {r['layers']} | {r['decoupled']} | {r['normalised']} | {r['weight_standardised']} | "
-        f"{r['not_convertible']} | {n(r['wrong_decisions'])} | {n(r['redundant_gammas'])} | {n(r['unprobed'])} | "
+        f"{r['not_convertible']} | {n(r['wrong_decisions'])} | {n(r['redundant_gammas'])}{init} | {n(r['unprobed'])} | "
         f"{n(r['untagged']) + n(r['mistagged'])} / {n(r['other_1d'])} | {export} ({error}) | {r['seconds']:.0f} |"
     )
 
@@ -299,11 +322,13 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps(records, indent=1))
     ok = [r for r in records if "failed" not in r]
-    total = {k: sum(len(r[k]) for r in ok) for k in ("wrong_decisions", "redundant_gammas", "unprobed")}
+    keys = ("wrong_decisions", "redundant_gammas", "invariant_at_init_only", "unprobed")
+    total = {k: sum(len(r.get(k, [])) for r in ok) for k in keys}
     exported = sum(r["export"] == "strict" for r in ok)
     print(
         f"\n{len(ok)} of {len(records)} models converted; {sum(r['layers'] for r in ok)} conv/linear layers; "
-        f"wrong decisions {total['wrong_decisions']}, redundant gammas {total['redundant_gammas']}, "
+        f"wrong decisions {total['wrong_decisions']}, redundant gammas {total['redundant_gammas']} "
+        f"(+{total['invariant_at_init_only']} invariant at initialisation only), "
         f"unprobed {total['unprobed']}; exported strict {exported} of {len(ok)}; "
         f"median {sorted(r['seconds'] for r in ok)[len(ok) // 2] if ok else 0:.0f} s per model"
     )
