@@ -40,9 +40,9 @@ CHANNELWISE_KINDS = (NORM_WEIGHT, NORM_BIAS, WN_GAMMA, BIAS, LAYER_SCALE)
 SECOND_ORDER = "second_order"
 FIRST_ORDER = "first_order"
 
-# Fallbacks for unknown modules: a 1-D parameter named like a layer scale (BEiT/CaiT: gamma_1,
-# gamma_2), or like a separate query/key/value bias (BEiT: q_bias, v_bias beside a bias-free qkv).
-_LAYER_SCALE_NAME = re.compile(r"^(gamma(_\d+)?|layer_scale\w*|ls\d*|scale)$")
+# Fallbacks for unknown modules: a 1-D parameter named like a layer scale (BEiT/CaiT: gamma_1, gamma_2; XCiT:
+# gamma1-3; EdgeNeXt: gamma_xca), or like a separate query/key/value bias (BEiT: q_bias, v_bias beside a bias-free qkv).
+_LAYER_SCALE_NAME = re.compile(r"^(gamma(_?\d+|_[a-z]+)?|layer_scale\w*|ls\d*|scale)$")
 _QKV_BIAS_NAME = re.compile(r"^[qkv]_bias$")
 
 

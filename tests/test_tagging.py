@@ -195,3 +195,7 @@ def test_gains_layer_scales_and_split_qkv_biases_are_tagged_by_role():
     assert (beit["blocks.0.attn.q_bias"].kind, beit["blocks.0.attn.v_bias"].group) == (BIAS, SECOND_ORDER)
     cait = tag_parameters(timm.create_model("cait_xxs24_224", num_classes=5, img_size=32, depth=1))
     assert {t.kind for n, t in cait.items() if "gamma_" in n} == {LAYER_SCALE}
+    xcit = tag_parameters(timm.create_model("xcit_nano_12_p8_224", num_classes=5, img_size=32, depth=1))
+    assert {xcit[f"blocks.0.gamma{i}"].kind for i in (1, 2, 3)} == {LAYER_SCALE}  # the zoo found them other_1d
+    edgenext = tag_parameters(timm.create_model("edgenext_xx_small", num_classes=5))
+    assert edgenext["stages.1.blocks.1.gamma_xca"].kind == LAYER_SCALE
