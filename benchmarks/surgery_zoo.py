@@ -113,17 +113,19 @@ def scale_derivatives(probe, names: list[str]) -> dict[str, float]:
     real. One forward and one backward in the probe's float64 train-mode copy, for all layers at once."""
     import torch
 
+    from sgdph_tools.surgery.probe import channel_dim, tensors_in
+
     scales, outputs, handles = {}, {}, []
     for name in names:
         layer = probe.model.get_submodule(name)
-        channel_dim = -1 if isinstance(layer, torch.nn.Linear) or hasattr(layer, "in_features") else 1
+        dim = channel_dim(layer)
 
-        def hook(_m, _i, out, name=name, channel_dim=channel_dim):
+        def hook(_m, _i, out, name=name, dim=dim):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point() or name in scales:
                 return None
-            s = torch.ones(out.shape[channel_dim], dtype=out.dtype, requires_grad=True)
+            s = torch.ones(out.shape[dim], dtype=out.dtype, requires_grad=True)
             shape = [1] * out.ndim
-            shape[channel_dim] = -1
+            shape[dim] = -1
             scales[name], y = s, out * s.view(shape)
             y.retain_grad()
             outputs[name] = y
@@ -134,8 +136,6 @@ def scale_derivatives(probe, names: list[str]) -> dict[str, float]:
         with torch.enable_grad():
             probe.features = []
             out = probe.model(probe.x)
-            from sgdph_tools.surgery.probe import tensors_in
-
             compared = [t for t in probe.features if isinstance(t, torch.Tensor)] + tensors_in(out)
             gen = torch.Generator().manual_seed(2)
             loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in compared)

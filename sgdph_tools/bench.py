@@ -74,14 +74,23 @@ class Settings:
     steps: int = 20  # timed steps per mode: whole windows, at least one
     device: str = "cpu"
     threads: int | None = None
-    window: int = 1  # steps per timed window; run() makes it a multiple of every mode's hessian_every
+    window: int = 1  # steps per timed window: a multiple of every mode's hessian_every (timing_window)
+
+    @property
+    def windows(self) -> int:
+        """Timed windows per mode: the whole windows in ``steps``, at least one."""
+        return max(1, self.steps // self.window)
+
+
+def _refresh_cycle(modes: list[Mode]) -> int:
+    """The least common multiple of the modes' ``hessian_every``: whole refresh cycles of every mode."""
+    return math.lcm(*(m.hessian_every or 1 for m in modes))
 
 
 def timing_window(modes: list[Mode], device: str) -> int:
-    """Steps per timed window: the least common multiple of the modes' ``hessian_every`` (whole
-    refresh cycles in every window), raised to whole multiples of at least 10 steps on a GPU, whose
-    per-window synchronisation would otherwise show up as launch gaps."""
-    cycle = math.lcm(*(m.hessian_every or 1 for m in modes))
+    """Steps per timed window: whole refresh cycles of every mode, raised to whole multiples of at
+    least 10 steps on a GPU, whose per-window synchronisation would otherwise show up as launch gaps."""
+    cycle = _refresh_cycle(modes)
     least = 10 if device == "cuda" else 1
     return cycle * math.ceil(least / cycle)
 
@@ -162,10 +171,8 @@ def _measure(mode: Mode, s: Settings) -> dict:
     # search and the caching allocator's first growth would otherwise land in the timed steps).
     for _ in range(max(1, math.ceil((10 if cuda else 1) / k)) * k):
         step()
-    if s.window % k:
-        raise ValueError(f"the timing window ({s.window} steps) must hold whole refresh cycles of {k}")
     per_step = []
-    for _ in range(max(1, s.steps // s.window)):
+    for _ in range(s.windows):  # run() checked that a window holds whole refresh cycles
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -189,7 +196,7 @@ def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list
     mode must be SGDM, the baseline."""
     if not modes or modes[0].optimizer != "sgdm":
         raise ValueError("the first mode must be SGDM: the ratios are to it")
-    if s.window % math.lcm(*(m.hessian_every or 1 for m in modes)):
+    if s.window % _refresh_cycle(modes):
         raise ValueError(f"window={s.window} is not a multiple of every mode's hessian_every: use timing_window()")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "timm", "sgdph_tools"])

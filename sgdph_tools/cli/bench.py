@@ -80,10 +80,9 @@ def bench_command(
         window=timing_window(modes, device),
     )
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads or torch.get_num_threads()} threads"
-    windows = max(1, steps // settings.window)
     console.print(
         f"{model}, batch {batch} of {img_size}x{img_size}, {num_classes} classes, {where}, torch {torch.__version__}; "
-        f"per mode {windows} timed window(s) of {settings.window} steps"
+        f"per mode {settings.windows} timed window(s) of {settings.window} steps"
     )
     with console.status("measuring") as status:
         records = run(

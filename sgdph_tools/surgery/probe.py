@@ -48,6 +48,12 @@ def _stochastic(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) or "DropPath" in name or "StochasticDepth" in name
 
 
+def channel_dim(layer: nn.Module) -> int:
+    """The dimension of a conv/linear layer's output that holds its channels: last for a linear
+    layer (and anything with ``in_features``), 1 for a convolution."""
+    return -1 if isinstance(layer, nn.Linear) or hasattr(layer, "in_features") else 1
+
+
 def tensors_in(out) -> list[torch.Tensor]:
     """Every tensor in a model output (a tensor, or nested tuples/lists/dicts of them), in order."""
     if isinstance(out, torch.Tensor):
@@ -116,20 +122,20 @@ class ChannelScaleProbe:
         is not, and which needs a test of its own."""
         factors: dict[str, dict] = {name: {} for name in names}
 
-        def scaler(name: str, channel_dim: int):
+        def scaler(name: str, dim: int):
             mine = factors[name]
 
             def scale(_module, _inputs, tensor):
                 if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
                     return None  # not a conv/linear output: left as it is
-                channels = tensor.shape[channel_dim]
+                channels = tensor.shape[dim]
                 mine["called"] = True
                 mine["nonzero"] = mine.get("nonzero", False) or bool(tensor.abs().max() > 0)
                 if "f" not in mine:  # the same factors for every call (a shared layer called twice)
                     exponent = 2 * torch.rand(channels, generator=self.generator, dtype=torch.float64) - 1
                     mine["f"] = 10.0**exponent
                 shape = [1] * tensor.ndim
-                shape[channel_dim] = channels
+                shape[dim] = channels
                 return tensor * mine["f"].view(shape).to(tensor.device)
 
             return scale
@@ -137,8 +143,7 @@ class ChannelScaleProbe:
         handles, classifier = [], False
         for name in names:
             layer = self.model.get_submodule(name)
-            channel_dim = -1 if isinstance(layer, nn.Linear) or hasattr(layer, "in_features") else 1
-            handles.append(layer.register_forward_hook(scaler(name, channel_dim)))
+            handles.append(layer.register_forward_hook(scaler(name, channel_dim(layer))))
             classifier = classifier or id(layer) in self.classifiers
         try:
             changed = self._run()

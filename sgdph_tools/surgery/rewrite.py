@@ -18,7 +18,6 @@ import torch.nn as nn
 
 from .. import checks, module_kinds
 from ..errors import UserError
-from ..module_kinds import removes_channel_scale
 from .graph import analyse
 from .probe import TOLERANCE as PROBE_TOLERANCE
 from .probe import ChannelScaleProbe, tensors_in
@@ -206,7 +205,7 @@ def convert(
     probe = ChannelScaleProbe(model, example_input) if verify and forced is None and example_input is not None else None
     # Without a norm that removes per-channel scales, no layer can be normalised: there only the
     # graph's "normalised" decisions need the probe (it costs a float64 forward per layer).
-    any_channel_norm = any(removes_channel_scale(m) for m in model.modules())
+    any_channel_norm = any(module_kinds.removes_channel_scale(m) for m in model.modules())
     # The layers the graph calls normalised are probed together first: one forward confirms them all
     # when the set is invariant (a BN network's convs; ResNet-50 needs 1 forward instead of 53),
     # otherwise each is probed on its own.

@@ -56,7 +56,7 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             hessian_every=cfg.hessian_every,
             gnb_fraction=cfg.gnb_fraction,
             authors_code=cfg.authors_code,
-            rule="paper" if cfg.authors_code else cfg.rule,  # the authors' code is the paper's rule
+            rule=None if cfg.authors_code else cfg.rule,  # None: SGDPH's own choice, the paper's rule for authors_code
             model=model,
             **extra,
         )
