@@ -41,9 +41,14 @@ BENCHMARKS = {  # name: (lrs of the SGD-type optimizers, SGDM's weight decays)
 }
 NETS = ("small_cnn", "small_cnn_nobn_wn")
 
-# contender: (recipe suffix, fixed overrides, the contender's own knob besides lr)
+# contender: (recipe suffix, fixed overrides, the contender's own knob besides lr; None: weight decay)
 CONTENDERS = {
     "sgd": ("sgd", [], None),
+    # SGDM as timm's factory builds it by default (filter_bias_and_bn): no weight decay on 1-D parameters
+    "sgd-no1dwd": ("sgd", ["optimizer.weight_decay_1d=0"], None),
+    # SGD-PH with the curvature switched off (r = 1/(1 + D/1e6) ≈ 1): SGDM except that the 1-D parameters'
+    # weight decay is added after the step, not through the momentum buffer -- the control of the study
+    "ph-nocurvature": ("sgdph", ["optimizer.rule=damped", "optimizer.eps=1e6"], None),
     "adamw": ("adamw", [], None),
     "ph-rowsum-paper": ("sgdph", [], "optimizer.so_lr=0.001,0.01"),
     "ph-rowsum-damped": ("sgdph", ["optimizer.rule=damped"], "optimizer.eps=0.03,0.3"),
@@ -74,13 +79,11 @@ def sweeps(root: Path) -> list[tuple[str, Path, list[str]]]:
         for net in NETS:
             for contender, (suffix, fixed, knob) in CONTENDERS.items():
                 recipe = RECIPES / bench / f"{bench}_{net}_{suffix}.yaml"
-                if contender == "sgd":
-                    axes = [f"optimizer.lr={lrs}", f"optimizer.weight_decay={wds}"]
-                elif contender == "adamw":
+                if contender == "adamw":
                     axes = ["optimizer.lr=0.001,0.003,0.01", "optimizer.weight_decay=0.01,0.1"]
                 else:
                     # the fixed overrides come first: that is the order the study's runs were named in
-                    axes = [*fixed, f"optimizer.lr={lrs}", knob]
+                    axes = [*fixed, f"optimizer.lr={lrs}", knob or f"optimizer.weight_decay={wds}"]
                 out.append((f"{bench}-{net}/{contender}", recipe, axes))
     return out
 

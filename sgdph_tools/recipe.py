@@ -62,6 +62,9 @@ class OptimizerCfg:
     name: Literal["sgdph", "sgd", "adam", "adamw", "adabelief", "adahessian", "apollo"] = "sgdph"
     lr: float = 0.01
     weight_decay: float = 0.0
+    # of the 1-D parameters (biases, norm gains, WN gammas); null: weight_decay (the paper's runs);
+    # 0: none, as timm's factory does by default (filter_bias_and_bn)
+    weight_decay_1d: float | None = None
     momentum: float = 0.9  # sgdph, sgd
     betas: list[float] | None = None  # adam, adamw, adabelief, adahessian (None: their default)
     eps: float | None = None  # None: the optimizer's default (sgdph: per rule, 0.3 normalized, 1e-4 paper; adam 1e-8)
@@ -315,6 +318,7 @@ def _check_ranges(recipe: Recipe) -> None:
     o, s, t, d = recipe.optimizer, recipe.schedule, recipe.trainer, recipe.data
     inf = math.inf
     _in_range("optimizer.weight_decay", o.weight_decay, 0, inf)
+    _in_range("optimizer.weight_decay_1d", o.weight_decay_1d, 0, inf)
     _in_range("optimizer.momentum", o.momentum, 0, 1)
     _in_range("optimizer.so_lr", o.so_lr, 0, inf)
     _in_range("optimizer.hessian_momentum", o.hessian_momentum, 0, 1)

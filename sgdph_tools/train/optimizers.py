@@ -11,7 +11,9 @@ Where each comes from (so results can be traced to an implementation):
 | ``apollo`` | ``pytorch_optimizer.ApolloDQN`` (Apollo, Ma 2020; official defaults: 500 warmup steps) |
 
 Weight decay applies to every parameter, as in the paper's runs (timm's factory is asked not to
-exempt 1-D parameters). Second-order baselines report ``is_second_order`` and the trainer runs
+exempt 1-D parameters), unless ``weight_decay_1d`` gives the 1-D parameters (``ndim <= 1``: biases,
+norm gains, weight-norm gammas) their own value -- 0 is timm's default, ``filter_bias_and_bn``.
+Second-order baselines report ``is_second_order`` and the trainer runs
 ``backward(create_graph=True)`` for them.
 """
 
@@ -44,6 +46,7 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
         kinds = cfg.second_order_kinds if cfg.second_order_kinds is not None else CHANNELWISE_KINDS
         # The authors' rule picks its parameters by ndim, from the plain parameter list.
         params = model.parameters() if cfg.authors_code else sgdph_param_groups(model, kinds)
+        params = _with_1d_decay(params, cfg.weight_decay_1d)
         return SGDPH(
             params,
             lr=cfg.lr,
@@ -63,14 +66,48 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
     if cfg.name == "apollo":
         from pytorch_optimizer import ApolloDQN  # an extra: the recipe's validation names it when missing
 
-        return ApolloDQN(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+        return ApolloDQN(
+            _with_1d_decay(model.parameters(), cfg.weight_decay_1d), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra
+        )
     if cfg.betas is not None:
         extra["betas"] = tuple(cfg.betas)
     if cfg.name == "sgd":
         extra["momentum"] = cfg.momentum
     return create_optimizer_v2(
-        model, opt=_TIMM_NAMES[cfg.name], lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=False, **extra
+        _with_1d_decay(model, cfg.weight_decay_1d),
+        opt=_TIMM_NAMES[cfg.name],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        filter_bias_and_bn=False,
+        **extra,
     )
+
+
+def _with_1d_decay(params, weight_decay_1d: float | None):
+    """``params`` (a model, parameters or param groups) unchanged when ``weight_decay_1d`` is None;
+    otherwise param groups in which the 1-D parameters sit apart, with that weight decay (the other
+    keys of their group kept, so SGD-PH's second-order flag and names follow them)."""
+    if weight_decay_1d is None:
+        return params
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    split = []
+    for group in groups:
+        names = group.get("param_names")
+        for one_d in (False, True):
+            picked = [i for i, p in enumerate(group["params"]) if (p.ndim <= 1) == one_d]
+            if not picked:
+                continue
+            part = dict(group, params=[group["params"][i] for i in picked])
+            if names is not None:
+                part["param_names"] = [names[i] for i in picked]
+            if one_d:
+                part["weight_decay"] = weight_decay_1d
+            split.append(part)
+    return split
 
 
 def lr_factor(cfg: ScheduleCfg, epoch: float, epochs: int, base_lr: float) -> float:

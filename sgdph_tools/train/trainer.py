@@ -283,6 +283,8 @@ class Trainer:
             value = getattr(o, key)
             if f"optimizer.{key}" in changed and value is not None:
                 for group in self.optimizer.param_groups:
+                    if key == "weight_decay" and o.weight_decay_1d is not None and group["params"][0].ndim <= 1:
+                        continue  # build_optimizer's group of 1-D parameters keeps weight_decay_1d
                     if key in group:
                         group[key] = value
         changes = {k: [_dotted(saved, k), _dotted(self.recipe.as_dict(), k)] for k in changed if k != "world_size"}

@@ -106,3 +106,21 @@ def test_a_recipe_rule_reaches_every_second_order_group(rule, eps, expected_eps)
     cfg = recipe_from_dict({"optimizer": {"rule": rule, "eps": eps}}).optimizer
     opt = build_optimizer(cfg, model)
     assert {(g["rule"], g["eps"]) for g in opt.param_groups} == {(rule, expected_eps)}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "sgdph"])
+def test_weight_decay_1d_gives_the_1d_parameters_their_own_decay(name):
+    model = timm.create_model("small_cnn", num_classes=3, in_chans=1)
+    one_d = {id(p) for p in model.parameters() if p.ndim <= 1}
+    opt = build_optimizer(OptimizerCfg(name=name, lr=0.1, weight_decay=5e-4, weight_decay_1d=0.0), model)
+    seen = set()
+    for group in opt.param_groups:
+        kinds = {id(p) in one_d for p in group["params"]}
+        assert len(kinds) == 1  # no group mixes 1-D parameters with kernels
+        assert group["weight_decay"] == (0.0 if kinds.pop() else 5e-4)
+        seen |= {id(p) for p in group["params"]}
+    assert seen == {id(p) for p in model.parameters()}
+    if name == "sgdph":  # the second-order flags survive the split: every channel-wise 1-D param keeps its step
+        second = [n for g in opt.param_groups if g["second_order"] for n in g["param_names"]]
+        plain = build_optimizer(OptimizerCfg(name=name, lr=0.1, weight_decay=5e-4), model)
+        assert sorted(second) == sorted(plain.param_groups[0]["param_names"])
