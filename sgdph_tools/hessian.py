@@ -16,18 +16,24 @@ Two *engines* say how an HVP is computed:
 - ``finite_difference``: ``(g(θ + r v) - g(θ)) / r`` on the 1-D gradients only: one more forward and
   a backward that asks for the 1-D gradients, no ``create_graph``. The second forward must compute
   the same function as the first, so :class:`ForwardReplay` replays the RNG (dropout, drop-path) and
-  restores every module buffer (BatchNorm running statistics) that the extra forward touches.
+  restores every module buffer (BatchNorm running statistics) that the extra forward touches. When
+  one tensor is perturbed and the model is known, that forward starts at the tensor's layer
+  (:mod:`sgdph_tools.activation_reuse`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import checks
+
+if TYPE_CHECKING:
+    from .activation_reuse import ReuseForTarget
 
 ESTIMATORS = ("rowsum", "hutchinson", "diagonal")
 ENGINES = ("autograd", "finite_difference")
@@ -137,32 +143,40 @@ class ForwardReplay:
         self.loss_fn, self._buffers = loss_fn, buffers if callable(buffers) else list(buffers)
         self.devices = list(devices)
         self._rng: tuple | None = None
+        # set before first(): the activations below one perturbed tensor are recorded and reused
+        self.cut: ReuseForTarget | None = None
 
     @property
     def buffers(self) -> list[Tensor]:
         return list(self._buffers()) if callable(self._buffers) else self._buffers
 
+    def _recording(self) -> contextlib.AbstractContextManager:
+        return self.cut.recording() if self.cut is not None else contextlib.nullcontext()
+
     def first(self) -> Tensor:
         self._rng = _rng_state(_cuda_indices(self.devices))
-        return _scalar_loss(self.loss_fn())
+        with self._recording():
+            return _scalar_loss(self.loss_fn())
 
     @contextlib.contextmanager
-    def replaying(self):
-        """The block runs with the RNG as ``first()`` found it and every buffer restored after it.
+    def replaying(self, reuse: bool = True):
+        """The block runs with the RNG as ``first()`` found it and every buffer restored after it
+        (and, with ``reuse`` and a ``cut``, the recorded activations below the perturbed tensor).
 
         Forward and backward must both run inside: BatchNorm saves its running statistics for
         backward, so they may only be put back after it.
         """
         if self._rng is None:
             raise RuntimeError(f"{type(self).__name__}: replay requested before first()")
+        cut = self.cut.replaying() if reuse and self.cut is not None else contextlib.nullcontext()
         with rng_preserved(self.devices):  # ... and afterwards where first() left it
             _set_rng_state(self._rng, _cuda_indices(self.devices))
-            with module_buffers_restored(self.buffers), torch.enable_grad():
+            with module_buffers_restored(self.buffers), torch.enable_grad(), cut:
                 yield
 
-    def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    def again_grad(self, inputs: Sequence[Tensor], reuse: bool = True) -> tuple[Tensor, ...]:
         """Replay the loss and return its gradients w.r.t. ``inputs`` (zeros where unused)."""
-        with self.replaying():
+        with self.replaying(reuse):
             loss = _scalar_loss(self.loss_fn())
             return torch.autograd.grad(loss, inputs, materialize_grads=True)
 
@@ -195,16 +209,16 @@ class ClosureReplay(ForwardReplay):
 
     def first(self):
         self._rng = _rng_state(_cuda_indices(self.devices))
-        with self.sync(), torch.enable_grad():
+        with self.sync(), torch.enable_grad(), self._recording():
             return self.loss_fn()
 
-    def again_grad(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    def again_grad(self, inputs: Sequence[Tensor], reuse: bool = True) -> tuple[Tensor, ...]:
         saved = [p.grad for p in self.params]
         only_inputs = gradients_only_for(self.params, inputs) if self.cheap else contextlib.nullcontext()
         try:
             for p in self.params:
                 p.grad = None
-            with only_inputs, self.replaying(), self.sync():
+            with only_inputs, self.replaying(reuse), self.sync():
                 self.loss_fn()
             return tuple(t.grad.detach() if t.grad is not None else torch.zeros_like(t) for t in inputs)
         finally:
@@ -274,7 +288,10 @@ class FiniteDifferenceHVP:
 
     ``grads0[i]`` is the gradient of the replayed loss w.r.t. ``params[i]`` at the current point.
     Each call runs one more forward (through ``replay.again_grad()``) and a backward that asks only for
-    the wanted gradients; the parameters are restored bit for bit afterwards.
+    the wanted gradients; the parameters are restored bit for bit afterwards. When the replay carries
+    a ``cut`` for the one tensor moved, that forward reuses the activations below it
+    (:mod:`sgdph_tools.activation_reuse`); the first time for each tensor, and whenever the RNG shows
+    that a skipped module drew random numbers, the full forward runs too and its result is the one used.
     """
 
     def __init__(self, replay: ForwardReplay, params: Sequence[Tensor], grads0: Sequence[Tensor | None]):
@@ -285,16 +302,29 @@ class FiniteDifferenceHVP:
         moved = [self.params[i] for i in vectors]
         r = finite_difference_step(moved, list(vectors.values()))
         saved = [p.detach().clone() for p in moved]
+        inputs = [self.params[j] for j in wanted]
+        cut = self.replay.cut
+        if cut is not None and (len(moved) != 1 or moved[0] is not cut.target):
+            cut = None  # the recorded activations are those below another tensor
         try:
             with torch.no_grad():
                 for p, v in zip(moved, vectors.values()):
                     p.add_(v, alpha=r)
-            grads1 = self.replay.again_grad([self.params[j] for j in wanted])
+            grads1 = self.replay.again_grad(inputs, reuse=cut is not None)
+            hv = [(g1.detach() - self.grads0[j]).div_(r) for g1, j in zip(grads1, wanted)]
+            if cut is not None and (not cut.rng_matched or not cut.checked):
+                full = self.replay.again_grad(inputs, reuse=False)
+                hv_full = [(g1.detach() - self.grads0[j]).div_(r) for g1, j in zip(full, wanted)]
+                if not cut.rng_matched:
+                    cut.parent.switch_off("a module below the perturbed layer draws random numbers: dropout, drop-path")
+                    hv = hv_full
+                elif not cut.check(hv, hv_full):
+                    hv = hv_full
         finally:
             with torch.no_grad():
                 for p, s in zip(moved, saved):
                     p.copy_(s)
-        return [(g1.detach() - self.grads0[j]).div_(r) for g1, j in zip(grads1, wanted)]
+        return hv
 
 
 HVP = Callable[[dict[int, Tensor], Sequence[int]], list[Tensor]]

@@ -16,6 +16,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd as sgd_functional
 
 from .. import checks, distributed
+from ..activation_reuse import ActivationReuse, ReuseForTarget
 from ..gauss_newton import GGNVectorProduct, SubBatchGNB, gauss_newton_bartlett
 from ..hessian import (
     ENGINES,
@@ -25,6 +26,7 @@ from ..hessian import (
     ClosureReplay,
     FiniteDifferenceHVP,
     ForwardReplay,
+    _cuda_indices,
     check_choice,
     estimate,
     math_attention,
@@ -150,7 +152,9 @@ class SGDPH(Optimizer):
             runs its own forward on a sub-batch with ``gnb_fraction``).
         engine: what the products are: ``"autograd"`` (Hessian, double backward),
             ``"finite_difference"`` (Hessian, one extra forward and a 1-D-only backward, no
-            ``create_graph``; needs a closure or ``loss_fn``) or ``"gauss_newton"`` (exact
+            ``create_graph``; needs a closure or ``loss_fn``; with ``model`` and one tensor per
+            refresh -- rowsum, diagonal -- that forward reuses the activations below the tensor's
+            layer: attribute ``reuse_activations``) or ``"gauss_newton"`` (exact
             GGN-vector products, positive semi-definite; reads the logits). ``gnb`` needs none.
         hessian_every: refresh the Hessian every k steps (default 1).
         gnb_fraction: with ``estimator="gnb"``: estimate from the model's own forward on this
@@ -267,6 +271,10 @@ class SGDPH(Optimizer):
                     "its recorded inputs"
                 )
         self.model = model
+        #: finite differences along one tensor reuse the activations below it (needs ``model``; exact,
+        #: checked against the full forward the first time each tensor is refreshed); False: full forwards
+        self.reuse_activations = True
+        self._activation_reuse: ActivationReuse | None = None
         # Records the model's inputs while the optimizer estimates GNB from a sub-batch (a hook is
         # registered whenever a model is given: a loaded checkpoint may switch gnb_fraction on).
         self._sub_batch = (
@@ -428,10 +436,14 @@ class SGDPH(Optimizer):
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
 
         loss = logits = None
+        uses_replay = closure is not None or loss_fn is not None
+        cut = self._activations_to_reuse(step, second_order) if refreshing and uses_replay else None
         if loss_fn is not None:
-            loss, logits, hvp_for = self._gradients_from_loss_fn(loss_fn, refreshing, grad_scaler if scaled else None)
+            loss, logits, hvp_for = self._gradients_from_loss_fn(
+                loss_fn, refreshing, grad_scaler if scaled else None, cut
+            )
         elif closure is not None:
-            loss, logits, hvp_for = self._gradients_from_closure(closure, refreshing)
+            loss, logits, hvp_for = self._gradients_from_closure(closure, refreshing, cut)
         else:
             if max_grad_norm is not None:
                 raise ValueError(
@@ -481,7 +493,25 @@ class SGDPH(Optimizer):
     def _devices(self) -> set[torch.device]:
         return {p.device for g in self.param_groups for p in g["params"]}
 
-    def _gradients_from_loss_fn(self, loss_fn, refreshing: bool, grad_scaler):
+    def _activations_to_reuse(self, step: int, second_order: list[Tensor]) -> ReuseForTarget | None:
+        """For a finite difference along one tensor: the record of the activations below it, which the
+        perturbed forward reuses (:mod:`sgdph_tools.activation_reuse`); None where that does not apply."""
+        if not (
+            self.reuse_activations
+            and self.engine == "finite_difference"
+            and self.estimator in ("rowsum", "diagonal")
+            and not self.authors_code
+            and self.model is not None
+            and not isinstance(self.model, nn.parallel.DistributedDataParallel)
+            and not _is_compiled(self.model)
+        ):
+            return None
+        if self._activation_reuse is None:
+            self._activation_reuse = ActivationReuse(self.model, _cuda_indices(self._devices()))
+        predicted = self._choose_refresh(step, second_order)  # the choice after the forward, unless a grad is missing
+        return self._activation_reuse.for_target(predicted[0]) if predicted else None
+
+    def _gradients_from_loss_fn(self, loss_fn, refreshing: bool, grad_scaler, cut: ReuseForTarget | None = None):
         """Usage B: run the forward, compute and write every gradient, and return the loss and a
         function that builds the HVP engine for the tensors chosen for refresh."""
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -495,6 +525,7 @@ class SGDPH(Optimizer):
 
         self.zero_grad(set_to_none=True)
         replay = ForwardReplay(forward, self._devices(), self._replay_buffers)
+        replay.cut = cut
         create_graph = refreshing and self._double_backward and self.engine == "autograd"
         keep_graph = create_graph or (refreshing and self._reads_logits)
         with (
@@ -520,7 +551,7 @@ class SGDPH(Optimizer):
         loss, logits = first[0]
         return loss.detach(), logits, hvp_for
 
-    def _gradients_from_closure(self, closure, refreshing: bool):
+    def _gradients_from_closure(self, closure, refreshing: bool, cut: ReuseForTarget | None = None):
         """A standard closure. Under a DDP ``model`` it runs without the reducer (``no_sync``) and
         the gradients are averaged here, as in usage B; otherwise the gradients are whatever the
         closure's backward produced (averaged by DDP, if the closure's module is one)."""
@@ -541,6 +572,7 @@ class SGDPH(Optimizer):
             cheap=cheap,
             sync=ddp.no_sync if ddp is not None else contextlib.nullcontext,
         )
+        replay.cut = cut
         try:
             with math_attention() if refreshing and self._double_backward else contextlib.nullcontext():
                 loss, logits = _loss_and_logits(replay.first())

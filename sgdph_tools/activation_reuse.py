@@ -1,0 +1,188 @@
+"""Finite differences that recompute only what the perturbed tensor changes.
+
+With the round-robin ``rowsum`` (or ``diagonal``) estimator the finite-difference engine perturbs ONE
+1-D tensor per refreshing step, then runs the forward again and a backward to that tensor. Every
+module called before the first module that owns the tensor computes, in that second forward, exactly
+what it computed in the step's own forward. :class:`ActivationReuse` records the outputs of those
+modules during the step's forward and, in the perturbed forward, hands them back instead of running
+the modules again -- detached, so the backward also stops at the perturbed layer. Averaged over the
+round robin this saves about half of the extra forward and backward.
+
+Only leaf modules (no children) are handed back: every container still runs its own code between
+them (residual additions, functional activations), so the calls of each module keep their order and
+each call gets the output recorded for the same call. What keeps it exact:
+
+- An output is handed back only if nothing modified it in place after it was recorded (its version
+  counter is unchanged: ``out += identity`` after a BatchNorm, for instance, makes that BatchNorm
+  run again on its handed-back input).
+- Randomness: the RNG must be where it was in the step's forward when the owning module is reached.
+  If it is not -- a module that was handed back had drawn random numbers (dropout, drop-path below
+  the layer) -- the result is discarded, the perturbed forward runs in full, and reuse stays off.
+- The first time each tensor is refreshed, the shortened forward's result is checked against the
+  full forward's (:meth:`ReuseForTarget.check`). A parameter read outside its own module's call, or
+  anything else hooks cannot see, shows up there: reuse is switched off for the model, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+_MISSING = object()
+
+
+def _tensors(output: Any) -> list[Tensor] | None:
+    """The tensors of a module output that can be handed back (a tensor, or a tuple/list of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, Tensor) for t in output):
+        return list(output)
+    return None
+
+
+def _detached(output: Any) -> Any:
+    if isinstance(output, Tensor):
+        return output.detach()
+    return type(output)(t.detach() for t in output)
+
+
+class ActivationReuse:
+    """Per model: which tensors have been checked, and whether reuse is still on."""
+
+    def __init__(self, model: nn.Module, rng_devices: Sequence[int] = ()):
+        self.model = model
+        self.cuda = list(rng_devices)
+        self.enabled = True
+        self.checked: set[int] = set()  # ids of the tensors whose shortened forward matched the full one
+        self.off_reason: str | None = None
+
+    def for_target(self, target: Tensor) -> ReuseForTarget | None:
+        if not self.enabled:
+            return None
+        owners = [m for m in self.model.modules() if any(p is target for p in m.parameters(recurse=False))]
+        if not owners:
+            return None
+        return ReuseForTarget(self, target, owners)
+
+    def switch_off(self, reason: str) -> None:
+        if self.enabled:
+            self.enabled, self.off_reason = False, reason
+            warnings.warn(
+                f"SGDPH: finite differences run the whole forward from now on ({reason})", RuntimeWarning, stacklevel=3
+            )
+
+
+class ReuseForTarget:
+    """One refreshing step's record: the outputs of the leaf modules called before ``target``'s module."""
+
+    def __init__(self, parent: ActivationReuse, target: Tensor, owners: list[nn.Module]):
+        self.parent, self.target = parent, target
+        self._owners = {id(m) for m in owners}
+        self._leaves = [m for m in parent.model.modules() if not any(True for _ in m.children())]
+        self._records: dict[int, list[tuple[Any, list[int]] | None]] = {}
+        self._rng_at_target: tuple | None = None
+        self.rng_matched = True
+        self.handed_back = 0  # outputs handed back in the latest shortened forward (tests, diagnostics)
+
+    @property
+    def checked(self) -> bool:
+        return id(self.target) in self.parent.checked
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def _rng(self) -> tuple:
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self.parent.cuda]
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Around the step's own forward: record every leaf output until the owning module is called."""
+        reached = False
+
+        def pre(module, args):
+            nonlocal reached
+            if not reached and id(module) in self._owners:
+                reached = True
+                self._rng_at_target = self._rng()
+
+        def post(module, args, output):
+            if reached or id(module) in self._owners:
+                return
+            tensors = _tensors(output)
+            entry = None if tensors is None else (output, [t._version for t in tensors])
+            self._records.setdefault(id(module), []).append(entry)
+
+        handles = [m.register_forward_pre_hook(pre) for m in self.parent.model.modules() if id(m) in self._owners]
+        handles += [m.register_forward_hook(post) for m in self._leaves]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            if not reached:  # the target was not used in this forward: nothing can be reused
+                self._records.clear()
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Around the perturbed forward: hand back the recorded outputs that are still intact."""
+        calls = {key: iter(entries) for key, entries in self._records.items()}
+        self.handed_back, self.rng_matched = 0, True
+
+        def owner_reached(module, args):
+            if self._rng_at_target is None or self.rng_matched is not True:
+                return
+            now = self._rng()
+            # a module handed back had drawn random numbers when the states differ: the caller discards
+            self.rng_matched = torch.equal(now[0], self._rng_at_target[0]) and all(
+                torch.equal(a, b) for a, b in zip(now[1], self._rng_at_target[1])
+            )
+
+        def patched(module):
+            original = module.forward
+            key = id(module)
+
+            def forward(*args, **kwargs):
+                entry = next(calls[key], _MISSING)
+                if entry is _MISSING or entry is None:
+                    return original(*args, **kwargs)
+                output, versions = entry
+                if [t._version for t in _tensors(output)] != versions:
+                    return original(*args, **kwargs)  # modified in place since: compute it again
+                self.handed_back += 1
+                return _detached(output)
+
+            return forward
+
+        modules = [m for m in self._leaves if id(m) in calls]
+        owners = [m for m in self.parent.model.modules() if id(m) in self._owners]
+        handles = [m.register_forward_pre_hook(owner_reached) for m in owners]
+        for m in modules:
+            m.forward = patched(m)
+        try:
+            yield
+        finally:
+            for m in modules:
+                del m.forward  # the class's forward again
+            for h in handles:
+                h.remove()
+
+    def check(self, shortened: list[Tensor], full: list[Tensor]) -> bool:
+        """Compare the shortened forward's result with the full one's (the first time for this tensor);
+        True when they agree. A disagreement switches reuse off for the model."""
+        diff = sum(float((a - b).double().square().sum()) for a, b in zip(shortened, full)) ** 0.5
+        scale = sum(float(b.double().square().sum()) for b in full) ** 0.5
+        if diff <= 1e-4 * scale + 1e-12:
+            self.parent.checked.add(id(self.target))
+            return True
+        self.parent.switch_off(
+            f"reusing the activations below a layer changed its finite difference by {diff / max(scale, 1e-30):.2g} "
+            "relative: a parameter is read outside its module's call, or a module's output depends on more than "
+            "its inputs"
+        )
+        return False
