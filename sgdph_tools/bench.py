@@ -47,12 +47,16 @@ class Mode:
     engine: str | None = None
     hessian_every: int | None = None
     gnb_fraction: float | None = None
+    # finite differences along one tensor: run the whole perturbed forward instead of reusing the
+    # activations below the tensor's layer (the optimizer's default; measured against it)
+    full_forward: bool = False
 
     @property
     def label(self) -> str:
         if self.optimizer != "sgdph":
             return self.optimizer
         how = [self.engine] if self.engine else [f"batch x {self.gnb_fraction:g}"] if self.gnb_fraction else []
+        how += ["full forward"] if self.full_forward else []
         parts = [self.estimator] + how + [f"every {self.hessian_every}"]
         return "sgdph " + ", ".join(parts)
 
@@ -62,6 +66,7 @@ def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
     for k in every:
         modes += [Mode("sgdph", est, eng, k) for est, eng in ESTIMATOR_ENGINES]
         modes += [Mode("sgdph", "gnb", None, k, f) for f in GNB_FRACTIONS]
+        modes += [Mode("sgdph", "rowsum", "finite_difference", k, full_forward=True)]
     return modes
 
 
@@ -114,7 +119,7 @@ def _build(mode: Mode, model):
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     if mode.optimizer == "adahessian":
         return Adahessian(model.parameters(), lr=1e-3)
-    return SGDPH(
+    optimizer = SGDPH(
         sgdph_param_groups(model),
         lr=1e-3,
         estimator=mode.estimator,
@@ -123,6 +128,8 @@ def _build(mode: Mode, model):
         gnb_fraction=mode.gnb_fraction,
         model=model,
     )
+    optimizer.reuse_activations = not mode.full_forward
+    return optimizer
 
 
 def _measure(mode: Mode, s: Settings) -> dict:

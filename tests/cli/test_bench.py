@@ -11,6 +11,7 @@ FIELDS = {
     "engine",
     "hessian_every",
     "gnb_fraction",
+    "full_forward",
     "time_ratio_rounds",
     "step_ms",
     "peak_mb",
@@ -31,16 +32,19 @@ def test_bench_measures_every_mode_against_sgdm(tmp_path):
     assert [r["optimizer"] for r in records[:3]] == ["sgdm", "adamw", "adahessian"]
     assert records[0]["time_ratio"] == 1.0 and records[0]["estimator"] is None
     sgdph_modes = {
-        (r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"])
+        (r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"], r["full_forward"])
         for r in records
         if r["optimizer"] == "sgdph"
     }
-    assert len(sgdph_modes) == 16 and ("gnb", None, 10, None) in sgdph_modes and ("gnb", None, 1, 0.25) in sgdph_modes
+    assert len(sgdph_modes) == 18 and ("rowsum", "finite_difference", 1, None, True) in sgdph_modes
+    sgdph_modes = {m[:4] for m in sgdph_modes}
+    assert ("gnb", None, 10, None) in sgdph_modes and ("gnb", None, 1, 0.25) in sgdph_modes
     assert ("rowsum", "gauss_newton", 1, None) in sgdph_modes
     for r in records:
         assert r["step_ms"] > 0 and r["time_ratio"] > 0 and len(r["time_ratio_rounds"]) == 1
         assert abs(r["time_ratio"] - r["step_ms"] / records[0]["step_ms"]) < 1e-9
     assert "sgdph gnb, every 10" in result.stdout and "sgdph gnb, batch x 0.25, every 1" in result.stdout
+    assert "sgdph rowsum, finite_difference, full forward, every 1" in result.stdout
 
 
 def test_bench_only_measures_the_modes_asked_for_and_sgdm(tmp_path):
