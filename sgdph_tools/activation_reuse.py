@@ -12,15 +12,16 @@ Only leaf modules (no children) are handed back: every container still runs its 
 them (residual additions, functional activations), so the calls of each module keep their order and
 each call gets the output recorded for the same call. What keeps it exact:
 
-- An output is handed back only if nothing modified it in place after it was recorded (its version
-  counter is unchanged: ``out += identity`` after a BatchNorm, for instance, makes that BatchNorm
-  run again on its handed-back input).
+- An output is handed back only if its autograd graph does not reach the tensor (a module that reads
+  another module's parameter, which hooks cannot see, is run again -- and so is everything computed
+  from its output), and only if nothing modified it in place after it was recorded (its version
+  counter is unchanged: ``out += identity`` after a BatchNorm makes that BatchNorm run again on its
+  handed-back input). The graph is walked once per tensor: the code path, so the graph, is the same
+  every step.
 - Randomness: the RNG must be where it was in the step's forward when the owning module is reached.
   If it is not -- a module that was handed back had drawn random numbers (dropout, drop-path below
-  the layer) -- the result is discarded, the perturbed forward runs in full, and reuse stays off.
-- The first time each tensor is refreshed, the shortened forward's result is checked against the
-  full forward's (:meth:`ReuseForTarget.check`). A parameter read outside its own module's call, or
-  anything else hooks cannot see, shows up there: reuse is switched off for the model, with a warning.
+  the layer) -- the caller discards the result and runs the perturbed forward in full, and reuse is
+  switched off for the model, with a warning.
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def _detached(output: Any) -> Any:
 
 
 class ActivationReuse:
-    """Per model: which tensors have been checked, and whether reuse is still on."""
+    """Per model: whether reuse is still on, and what each tensor's records were found to depend on."""
 
     def __init__(self, model: nn.Module, rng_devices: Sequence[int] = ()):
         self.model = model
         self.cuda = list(rng_devices)
         self.enabled = True
-        self.checked: set[int] = set()  # ids of the tensors whose shortened forward matched the full one
+        # per tensor (by id): the (module id, call) records whose graph reaches it -- usually none
+        self.reads_target: dict[int, set[tuple[int, int]]] = {}
         self.off_reason: str | None = None
 
     def for_target(self, target: Tensor) -> ReuseForTarget | None:
@@ -89,10 +91,6 @@ class ReuseForTarget:
         self._rng_at_target: tuple | None = None
         self.rng_matched = True
         self.handed_back = 0  # outputs handed back in the latest shortened forward (tests, diagnostics)
-
-    @property
-    def checked(self) -> bool:
-        return id(self.target) in self.parent.checked
 
     def clear(self) -> None:
         self._records.clear()
@@ -131,7 +129,11 @@ class ReuseForTarget:
     @contextlib.contextmanager
     def replaying(self):
         """Around the perturbed forward: hand back the recorded outputs that are still intact."""
-        calls = {key: iter(entries) for key, entries in self._records.items()}
+        reading = self._reading_target()
+        calls = {
+            key: iter([None if (key, call) in reading else e for call, e in enumerate(entries)])
+            for key, entries in self._records.items()
+        }
         self.handed_back, self.rng_matched = 0, True
 
         def owner_reached(module, args):
@@ -172,17 +174,32 @@ class ReuseForTarget:
             for h in handles:
                 h.remove()
 
-    def check(self, shortened: list[Tensor], full: list[Tensor]) -> bool:
-        """Compare the shortened forward's result with the full one's (the first time for this tensor);
-        True when they agree. A disagreement switches reuse off for the model."""
-        diff = sum(float((a - b).double().square().sum()) for a, b in zip(shortened, full)) ** 0.5
-        scale = sum(float(b.double().square().sum()) for b in full) ** 0.5
-        if diff <= 1e-4 * scale + 1e-12:
-            self.parent.checked.add(id(self.target))
-            return True
-        self.parent.switch_off(
-            f"reusing the activations below a layer changed its finite difference by {diff / max(scale, 1e-30):.2g} "
-            "relative: a parameter is read outside its module's call, or a module's output depends on more than "
-            "its inputs"
-        )
-        return False
+    def _reading_target(self) -> set[tuple[int, int]]:
+        """The records whose autograd graph reaches the target: their values depend on it."""
+        known = self.parent.reads_target.get(id(self.target))
+        if known is not None:
+            return known
+        reaches: dict[Any, bool] = {}  # autograd node -> whether the target is below it
+
+        def below(node) -> bool:
+            stack = [(node, False)]
+            while stack:
+                fn, expanded = stack.pop()
+                if fn is None or (fn in reaches and not expanded):
+                    continue
+                children = [n for n, _ in fn.next_functions if n is not None]
+                if not expanded:
+                    reaches.setdefault(fn, getattr(fn, "variable", None) is self.target)
+                    stack.append((fn, True))
+                    stack.extend((n, False) for n in children if n not in reaches)
+                else:
+                    reaches[fn] = reaches[fn] or any(reaches.get(n, False) for n in children)
+            return reaches[node]
+
+        reading = set()
+        for key, entries in self._records.items():
+            for call, entry in enumerate(entries):
+                if entry is not None and any(t.grad_fn is not None and below(t.grad_fn) for t in _tensors(entry[0])):
+                    reading.add((key, call))
+        self.parent.reads_target[id(self.target)] = reading
+        return reading

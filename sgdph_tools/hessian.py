@@ -290,8 +290,8 @@ class FiniteDifferenceHVP:
     Each call runs one more forward (through ``replay.again_grad()``) and a backward that asks only for
     the wanted gradients; the parameters are restored bit for bit afterwards. When the replay carries
     a ``cut`` for the one tensor moved, that forward reuses the activations below it
-    (:mod:`sgdph_tools.activation_reuse`); the first time for each tensor, and whenever the RNG shows
-    that a skipped module drew random numbers, the full forward runs too and its result is the one used.
+    (:mod:`sgdph_tools.activation_reuse`); when the RNG shows that a skipped module drew random
+    numbers, the full forward runs again and its result is the one used.
     """
 
     def __init__(self, replay: ForwardReplay, params: Sequence[Tensor], grads0: Sequence[Tensor | None]):
@@ -311,15 +311,10 @@ class FiniteDifferenceHVP:
                 for p, v in zip(moved, vectors.values()):
                     p.add_(v, alpha=r)
             grads1 = self.replay.again_grad(inputs, reuse=cut is not None)
+            if cut is not None and not cut.rng_matched:  # a module handed back had drawn random numbers
+                cut.parent.switch_off("a module below the perturbed layer draws random numbers: dropout, drop-path")
+                grads1 = self.replay.again_grad(inputs, reuse=False)
             hv = [(g1.detach() - self.grads0[j]).div_(r) for g1, j in zip(grads1, wanted)]
-            if cut is not None and (not cut.rng_matched or not cut.checked):
-                full = self.replay.again_grad(inputs, reuse=False)
-                hv_full = [(g1.detach() - self.grads0[j]).div_(r) for g1, j in zip(full, wanted)]
-                if not cut.rng_matched:
-                    cut.parent.switch_off("a module below the perturbed layer draws random numbers: dropout, drop-path")
-                    hv = hv_full
-                elif not cut.check(hv, hv_full):
-                    hv = hv_full
         finally:
             with torch.no_grad():
                 for p, s in zip(moved, saved):

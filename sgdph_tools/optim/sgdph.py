@@ -271,8 +271,8 @@ class SGDPH(Optimizer):
                     "its recorded inputs"
                 )
         self.model = model
-        #: finite differences along one tensor reuse the activations below it (needs ``model``; exact,
-        #: checked against the full forward the first time each tensor is refreshed); False: full forwards
+        #: finite differences along one tensor reuse the activations below it (needs ``model``; exact:
+        #: sgdph_tools/activation_reuse.py); False: every perturbed forward runs in full
         self.reuse_activations = True
         self._activation_reuse: ActivationReuse | None = None
         # Records the model's inputs while the optimizer estimates GNB from a sub-batch (a hook is
