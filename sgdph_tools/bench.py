@@ -9,7 +9,10 @@ Every mode is timed the same way: over windows of ``window`` consecutive steps, 
 GPU synchronised) only at a window's ends, as a training loop that does not wait for the GPU every
 step; the time per step is the median over windows of the window's time / ``window``. The window is
 a multiple of every measured ``hessian_every``, so each window holds whole refresh cycles and the
-refresh steps count in their real proportion. (An earlier version took the median of single steps for
+refresh steps count in their real proportion. ``rowsum`` refreshes one tensor per refreshing step, in
+a round robin, and the cost depends on the tensor's depth: each window starts the round robin at
+another tensor, evenly spread over the cycle (before, every window continued from the first tensors,
+the deepest and dearest). (An earlier version took the median of single steps for
 k = 1 and the mean for k > 1: a median against a mean biased every k > 1 ratio upwards by the step
 times' skew, and a synchronisation after every step charged GPU modes for launch gaps a training loop
 overlaps.) Peak memory: on a GPU ``max_memory_allocated`` minus what was allocated before the first
@@ -178,8 +181,17 @@ def _measure(mode: Mode, s: Settings) -> dict:
     # search and the caching allocator's first growth would otherwise land in the timed steps).
     for _ in range(max(1, math.ceil((10 if cuda else 1) / k)) * k):
         step()
+    # rowsum refreshes one tensor per refreshing step, and what that costs depends on the tensor's depth
+    # (a product for a tensor near the input runs the whole backward): each window starts the round
+    # robin at another tensor, spread evenly over the cycle, so the windows sample the whole cycle
+    # rather than its first -- deepest, dearest -- tensors
+    cycle = (
+        [p for g in opt.param_groups if g["second_order"] for p in g["params"]] if mode.estimator == "rowsum" else []
+    )
     per_step = []
-    for _ in range(s.windows):  # run() checked that a window holds whole refresh cycles
+    for w in range(s.windows):  # run() checked that a window holds whole refresh cycles
+        for i, p in enumerate(cycle):  # the round robin takes the fewest refreshes, first in order
+            opt.state[p]["hessian_refreshes"] = 1 if i < w * len(cycle) // s.windows else 0
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
