@@ -8,15 +8,16 @@ modules during the step's forward and, in the perturbed forward, hands them back
 the modules again -- detached, so the backward also stops at the perturbed layer. Averaged over the
 round robin this saves about half of the extra forward and backward.
 
-Only leaf modules (no children) are handed back: every container still runs its own code between
-them (residual additions, functional activations), so the calls of each module keep their order and
-each call gets the output recorded for the same call. What keeps it exact:
+The record is the sequence of module calls before the owner, containers and leaves alike. In the
+perturbed forward each call that matches the next recorded one either returns the recorded output --
+and the calls made inside it are skipped with it (a whole ResNet stage in one step) -- or runs, and
+its own calls are matched in turn. What keeps it exact:
 
 - An output is handed back only if its autograd graph does not reach the tensor (a module that reads
   another module's parameter, which hooks cannot see, is run again -- and so is everything computed
   from its output), and only if nothing modified it in place after it was recorded (its version
   counter is unchanged: ``out += identity`` after a BatchNorm makes that BatchNorm run again on its
-  handed-back input). The graph is walked once per tensor: the code path, so the graph, is the same
+  handed-back input -- unless the block around both is handed back whole). The graph is walked once per tensor: the code path, so the graph, is the same
   every step.
 - Randomness: the RNG must be where it was in the step's forward when the owning module is reached.
   If it is not -- a module that was handed back had drawn random numbers (dropout, drop-path below
@@ -29,13 +30,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
-
-_MISSING = object()
 
 
 def _tensors(output: Any) -> list[Tensor] | None:
@@ -60,8 +60,8 @@ class ActivationReuse:
         self.model = model
         self.cuda = list(rng_devices)
         self.enabled = True
-        # per tensor (by id): the (module id, call) records whose graph reaches it -- usually none
-        self.reads_target: dict[int, set[tuple[int, int]]] = {}
+        # per tensor (by id): the positions of the recorded calls whose graph reaches it -- usually none
+        self.reads_target: dict[int, set[int]] = {}
         self.off_reason: str | None = None
 
     def for_target(self, target: Tensor) -> ReuseForTarget | None:
@@ -80,60 +80,78 @@ class ActivationReuse:
             )
 
 
+@dataclass
+class _Call:
+    """One module call of the step's forward before the owner: its output (None: not reusable -- not
+    tensors, or the call had not returned when the owner was reached), the output's version counters,
+    and where the calls made inside it end in the sequence."""
+
+    module: int
+    output: Any = None
+    versions: list[int] | None = None
+    end: int = 0
+
+
 class ReuseForTarget:
-    """One refreshing step's record: the outputs of the leaf modules called before ``target``'s module."""
+    """One refreshing step's record: the module calls before ``target``'s module, in order."""
 
     def __init__(self, parent: ActivationReuse, target: Tensor, owners: list[nn.Module]):
         self.parent, self.target = parent, target
         self._owners = {id(m) for m in owners}
-        self._leaves = [m for m in parent.model.modules() if not any(True for _ in m.children())]
-        self._records: dict[int, list[tuple[Any, list[int]] | None]] = {}
+        self._calls: list[_Call] = []
         self._rng_at_target: tuple | None = None
         self.rng_matched = True
         self.handed_back = 0  # outputs handed back in the latest shortened forward (tests, diagnostics)
-
-    def clear(self) -> None:
-        self._records.clear()
 
     def _rng(self) -> tuple:
         return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self.parent.cuda]
 
     @contextlib.contextmanager
     def recording(self):
-        """Around the step's own forward: record every leaf output until the owning module is called."""
+        """Around the step's own forward: record every module call and its output until the owning
+        module is called (calls still open then -- the containers around the owner -- keep no output)."""
         reached = False
+        open_calls: list[_Call] = []
 
         def pre(module, args):
             nonlocal reached
-            if not reached and id(module) in self._owners:
+            if reached:
+                return
+            if id(module) in self._owners:
                 reached = True
                 self._rng_at_target = self._rng()
+                return
+            call = _Call(id(module))
+            self._calls.append(call)
+            open_calls.append(call)
 
         def post(module, args, output):
-            if reached or id(module) in self._owners:
+            if reached or not open_calls or open_calls[-1].module != id(module):
                 return
+            call = open_calls.pop()
+            call.end = len(self._calls)
             tensors = _tensors(output)
-            entry = None if tensors is None else (output, [t._version for t in tensors])
-            self._records.setdefault(id(module), []).append(entry)
+            if tensors is not None:
+                call.output, call.versions = output, [t._version for t in tensors]
 
-        handles = [m.register_forward_pre_hook(pre) for m in self.parent.model.modules() if id(m) in self._owners]
-        handles += [m.register_forward_hook(post) for m in self._leaves]
+        modules = list(self.parent.model.modules())
+        handles = [m.register_forward_pre_hook(pre) for m in modules]
+        handles += [m.register_forward_hook(post) for m in modules]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
             if not reached:  # the target was not used in this forward: nothing can be reused
-                self._records.clear()
+                self._calls.clear()
 
     @contextlib.contextmanager
     def replaying(self):
-        """Around the perturbed forward: hand back the recorded outputs that are still intact."""
+        """Around the perturbed forward: each module call that matches the next recorded one returns
+        the recorded output if it may (intact, independent of the target) -- and the calls made inside
+        it in the step's forward are skipped with it; otherwise it runs."""
         reading = self._reading_target()
-        calls = {
-            key: iter([None if (key, call) in reading else e for call, e in enumerate(entries)])
-            for key, entries in self._records.items()
-        }
+        position = 0
         self.handed_back, self.rng_matched = 0, True
 
         def owner_reached(module, args):
@@ -150,18 +168,25 @@ class ReuseForTarget:
             key = id(module)
 
             def forward(*args, **kwargs):
-                entry = next(calls[key], _MISSING)
-                if entry is _MISSING or entry is None:
+                nonlocal position
+                if position >= len(self._calls) or self._calls[position].module != key:
+                    return original(*args, **kwargs)  # past the record (above the target)
+                index, call = position, self._calls[position]
+                position += 1
+                if (
+                    call.output is None
+                    or index in reading
+                    or [t._version for t in _tensors(call.output)] != call.versions  # modified in place since
+                ):
                     return original(*args, **kwargs)
-                output, versions = entry
-                if [t._version for t in _tensors(output)] != versions:
-                    return original(*args, **kwargs)  # modified in place since: compute it again
+                position = call.end
                 self.handed_back += 1
-                return _detached(output)
+                return _detached(call.output)
 
             return forward
 
-        modules = [m for m in self._leaves if id(m) in calls]
+        recorded = {c.module for c in self._calls}
+        modules = [m for m in self.parent.model.modules() if id(m) in recorded]
         owners = [m for m in self.parent.model.modules() if id(m) in self._owners]
         handles = [m.register_forward_pre_hook(owner_reached) for m in owners]
         for m in modules:
@@ -174,8 +199,8 @@ class ReuseForTarget:
             for h in handles:
                 h.remove()
 
-    def _reading_target(self) -> set[tuple[int, int]]:
-        """The records whose autograd graph reaches the target: their values depend on it."""
+    def _reading_target(self) -> set[int]:
+        """The recorded calls whose output's autograd graph reaches the target: their values depend on it."""
         known = self.parent.reads_target.get(id(self.target))
         if known is not None:
             return known
@@ -197,9 +222,10 @@ class ReuseForTarget:
             return reaches[node]
 
         reading = set()
-        for key, entries in self._records.items():
-            for call, entry in enumerate(entries):
-                if entry is not None and any(t.grad_fn is not None and below(t.grad_fn) for t in _tensors(entry[0])):
-                    reading.add((key, call))
+        for index, call in enumerate(self._calls):
+            if call.output is not None and any(
+                t.grad_fn is not None and below(t.grad_fn) for t in _tensors(call.output)
+            ):
+                reading.add(index)
         self.parent.reads_target[id(self.target)] = reading
         return reading
