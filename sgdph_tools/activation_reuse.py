@@ -17,8 +17,8 @@ its own calls are matched in turn. What keeps it exact:
   another module's parameter, which hooks cannot see, is run again -- and so is everything computed
   from its output), and only if nothing modified it in place after it was recorded (its version
   counter is unchanged: ``out += identity`` after a BatchNorm makes that BatchNorm run again on its
-  handed-back input -- unless the block around both is handed back whole). The graph is walked once per tensor: the code path, so the graph, is the same
-  every step.
+  handed-back input -- unless the block around both is handed back whole). The graph is walked
+  once per tensor: the code path, so the graph, is the same every step.
 - Randomness: the RNG must be where it was in the step's forward when the owning module is reached.
   If it is not -- a module that was handed back had drawn random numbers (dropout, drop-path below
   the layer) -- the caller discards the result and runs the perturbed forward in full, and reuse is
