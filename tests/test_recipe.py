@@ -69,12 +69,14 @@ def test_defaults_and_overrides():
         (
             {},
             ["optimizer.name=adam", "optimizer.so_lr=1e-3"],
-            "'optimizer.so_lr' does not apply to optimizer.name=adam.*takes: lr, weight_decay, weight_decay_1d, betas, eps, kwargs",
+            "'optimizer.so_lr' does not apply to optimizer.name=adam.*"
+            "takes: lr, weight_decay, weight_decay_1d, betas, eps, kwargs",
         ),
         (
             {},
             ["optimizer.name=sgd", "optimizer.betas=[0.9,0.99]"],
-            "'optimizer.betas' does not apply to optimizer.name=sgd.*takes: lr, weight_decay, weight_decay_1d, momentum, kwargs",
+            "'optimizer.betas' does not apply to optimizer.name=sgd.*"
+            "takes: lr, weight_decay, weight_decay_1d, momentum, kwargs",
         ),
         ({}, ["optimizer.name=adamw", "optimizer.momentum=0.9"], "'optimizer.momentum' does not apply"),
         (
