@@ -57,7 +57,7 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             estimator=cfg.estimator,
             engine=cfg.engine,
             hessian_every=cfg.hessian_every,
-            gnb_fraction=cfg.gnb_fraction,
+            gnb_fraction=cfg.gnb_fraction if cfg.estimator == "gnb" else None,
             authors_code=cfg.authors_code,
             rule=None if cfg.authors_code else cfg.rule,  # None: SGDPH's own choice, the paper's rule for authors_code
             model=model,
