@@ -495,9 +495,10 @@ def _check_semantics(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'schedule.milestones' must be increasing, got {s.milestones}")
     if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
         raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
-    # authors_code is the paper's rule: the default rule (normalized) is read as paper there, another is an error
+    # authors_code is the paper's rule and estimator: the default rule (normalized) and estimator (gnb) are read
+    # as paper and rowsum there, others are an error
     if o.authors_code and (
-        o.estimator != "rowsum"
+        o.estimator not in ("rowsum", OptimizerCfg.estimator)  # the default estimator is read as rowsum there
         or o.hessian_every != 1
         or o.second_order_kinds is not None
         or o.rule not in ("paper", OptimizerCfg.rule)
@@ -550,6 +551,8 @@ def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
     recipe = _build(Recipe, data, "")
     _check_keys_apply(data, recipe)
     _check_semantics(recipe)
+    if recipe.optimizer.authors_code:  # the authors' rule is rowsum: the default estimator is read as that
+        recipe.optimizer.estimator = "rowsum"
     if recipe.optimizer.estimator != "gnb":  # the default fraction is gnb's; another estimator has none
         recipe.optimizer.gnb_fraction = None
     return recipe
