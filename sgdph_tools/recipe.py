@@ -71,10 +71,12 @@ class OptimizerCfg:
     # SGD-PH only:
     so_lr: float = 1e-3
     hessian_momentum: float = 0.9
-    estimator: Literal["rowsum", "hutchinson", "diagonal", "gnb"] = "rowsum"
+    # gnb (with gnb_fraction 0.25) since the study of docs/evidence.md; the paper's: rowsum
+    estimator: Literal["rowsum", "hutchinson", "diagonal", "gnb"] = "gnb"
     engine: Literal["autograd", "finite_difference", "gauss_newton"] = "autograd"
     hessian_every: int = 1
-    gnb_fraction: float | None = None  # estimator=gnb: its own forward on this fraction of the batch
+    # estimator=gnb: its own forward on this fraction of the batch (null: the step's logits); other estimators: null
+    gnb_fraction: float | None = 0.25
     authors_code: bool = False  # the authors' released update rule, step for step (docs/algorithm.md)
     # how the curvature scales the step; normalized since the study of docs/evidence.md (paper: Algorithm 1)
     rule: Literal["paper", "damped", "normalized"] = "normalized"
@@ -126,20 +128,32 @@ class Recipe:
     def to_yaml(self, applicable_only: bool = False) -> str:
         """Every key (what a run records); ``applicable_only``: without the keys the chosen
         optimizer, schedule and dataset do not use (what ``--dry-run`` shows)."""
-        data = self.as_dict()
-        if applicable_only:
-            for section, rules in APPLIES_TO.items():
-                name = data[section]["name"]
-                for key, names in rules.items():
-                    if name not in names:
-                        del data[section][key]
+        data = applicable_settings(self.as_dict()) if applicable_only else self.as_dict()
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def applicable_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe (as a dict) without the keys its choices do not use (``APPLIES_TO``; and
+    ``gnb_fraction`` unless the estimator is gnb): what makes two runs the same experiment, whatever
+    the defaults of unused keys were when each was recorded."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, rules in APPLIES_TO.items():
+        if not isinstance(data.get(section), dict):
+            continue
+        name = data[section].get("name")
+        for key, names in rules.items():
+            if name not in names:
+                data[section].pop(key, None)
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("estimator", "gnb") != "gnb":
+        optimizer.pop("gnb_fraction", None)
+    return data
 
 
 #: Keys whose default changed after they were introduced, with the value a recorded recipe that predates
 #: the key ran with (``optimizer.rule`` came with the paper's rule as its default; it is ``normalized`` since
 #: the study). ``with_defaults`` fills these in instead of today's default.
-RAN_WITH_BEFORE = {"optimizer": {"rule": "paper"}}
+RAN_WITH_BEFORE = {"optimizer": {"rule": "paper", "estimator": "rowsum", "gnb_fraction": None}}
 
 
 def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -407,7 +421,8 @@ _SECTIONS = {
 def _check_keys_apply(data: dict, recipe: Recipe) -> None:
     """Reject a key the recipe sets that its section's ``name`` does not use. A section that lists
     every key is a recorded recipe (a run's recipe.yaml, a sweep's base.yaml): there a key that does
-    not apply is accepted at its default value, which is how it was recorded."""
+    not apply is accepted at its default value, today's or the one it had before it changed
+    (``RAN_WITH_BEFORE``), which is how it was recorded."""
     for section, rules in APPLIES_TO.items():
         written = data.get(section)
         if not isinstance(written, dict):
@@ -418,7 +433,11 @@ def _check_keys_apply(data: dict, recipe: Recipe) -> None:
         for key, names in rules.items():
             if key not in written or cfg.name in names:
                 continue
-            if recorded and getattr(cfg, key) == getattr(defaults, key):
+            earlier = RAN_WITH_BEFORE.get(section, {})
+            if recorded and (
+                getattr(cfg, key) == getattr(defaults, key)  # a default recorded with the rest
+                or (key in earlier and getattr(cfg, key) == earlier[key])  # ... or the default it had then
+            ):
                 continue
             takes = [k for k in (f.name for f in dataclasses.fields(cfg)) if cfg.name in rules.get(k, (cfg.name,))]
             raise UserError(
@@ -476,9 +495,10 @@ def _check_semantics(recipe: Recipe) -> None:
         raise UserError(f"recipe key 'schedule.milestones' must be increasing, got {s.milestones}")
     if recipe.data.name in ("cifar10", "cifar100", "imagefolder") and not recipe.data.root:
         raise UserError(f"data '{recipe.data.name}' needs data.root: the folder that holds (or will hold) the dataset")
-    # authors_code is the paper's rule: the default rule (normalized) is read as paper there, another is an error
+    # authors_code is the paper's rule and estimator: the default rule (normalized) and estimator (gnb) are read
+    # as paper and rowsum there, others are an error
     if o.authors_code and (
-        o.estimator != "rowsum"
+        o.estimator not in ("rowsum", OptimizerCfg.estimator)  # the default estimator is read as rowsum there
         or o.hessian_every != 1
         or o.second_order_kinds is not None
         or o.rule not in ("paper", OptimizerCfg.rule)
@@ -487,10 +507,12 @@ def _check_semantics(recipe: Recipe) -> None:
             "optimizer.authors_code=true is the authors' rule: it takes estimator=rowsum, hessian_every=1, "
             "rule=paper and chooses its own parameters (drop optimizer.second_order_kinds)"
         )
-    if o.gnb_fraction is not None and (o.estimator != "gnb" or not 0 < o.gnb_fraction <= 1):
+    if o.gnb_fraction is not None and not 0 < o.gnb_fraction <= 1:
+        raise UserError(f"recipe key 'optimizer.gnb_fraction' must be in (0, 1] or null, got {o.gnb_fraction}")
+    if o.estimator != "gnb" and o.gnb_fraction not in (None, OptimizerCfg.gnb_fraction):
         raise UserError(
-            f"recipe key 'optimizer.gnb_fraction' takes a value in (0, 1] with optimizer.estimator=gnb, "
-            f"got {o.gnb_fraction} with estimator={o.estimator}"
+            f"recipe key 'optimizer.gnb_fraction' applies to optimizer.estimator=gnb only (got {o.gnb_fraction} "
+            f"with estimator={o.estimator}): remove it"
         )
     double_backward = o.name == "sgdph" and o.estimator != "gnb" and o.engine in ("autograd", "gauss_newton")
     if t.compile and (o.name == "adahessian" or double_backward):
@@ -529,6 +551,10 @@ def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
     recipe = _build(Recipe, data, "")
     _check_keys_apply(data, recipe)
     _check_semantics(recipe)
+    if recipe.optimizer.authors_code:  # the authors' rule is rowsum: the default estimator is read as that
+        recipe.optimizer.estimator = "rowsum"
+    if recipe.optimizer.estimator != "gnb":  # the default fraction is gnb's; another estimator has none
+        recipe.optimizer.gnb_fraction = None
     return recipe
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def test_defaults_and_overrides():
         ({}, ["optimizer.lr"], "must look like section.key=value"),
         ({}, ["trainer.epochs=0"], "'trainer.epochs' must be at least 1"),
         ({}, ["data.name=cifar10"], "needs data.root"),
-        ({}, ["trainer.compile=true"], "engine=finite_difference"),
+        ({}, ["optimizer.estimator=rowsum", "trainer.compile=true"], "engine=finite_difference"),
+        ({}, ["optimizer.estimator=rowsum", "optimizer.gnb_fraction=0.5"], "applies to optimizer.estimator=gnb only"),
+        ({}, ["optimizer.gnb_fraction=0"], r"'optimizer.gnb_fraction' must be in \(0, 1\] or null"),
         # ranges: what training would reject, or would run with a meaningless value
         ({}, ["optimizer.so_lr=-1"], r"'optimizer.so_lr' must be in \[0, ∞\), got -1"),
         ({}, ["optimizer.weight_decay=-1"], "'optimizer.weight_decay' must be in"),
@@ -194,6 +197,35 @@ def test_a_recorded_recipe_that_predates_a_key_gets_its_default_and_keeps_what_i
     assert Recipe().optimizer.rule == "normalized"
     recorded["optimizer"]["name"] = "sgd"
     assert with_defaults(recorded)["optimizer"]["rule"] == "normalized"
+
+
+def test_sgdph_estimates_gnb_from_a_quarter_of_the_batch_by_default_and_other_estimators_have_no_fraction():
+    # the study's choice (docs/evidence.md "Defaults"); the paper's estimator is one key away
+    o = recipe_from_dict({}).optimizer
+    assert (o.estimator, o.gnb_fraction, o.rule) == ("gnb", 0.25, "normalized")
+    assert recipe_from_dict({}, ["optimizer.gnb_fraction=null"]).optimizer.gnb_fraction is None  # the step's logits
+    o = recipe_from_dict({}, ["optimizer.estimator=rowsum"]).optimizer
+    assert (o.estimator, o.gnb_fraction) == ("rowsum", None)  # as recorded before the change
+    # a run recorded before the estimator and gnb_fraction keys existed ran rowsum (on the step's logits)
+    from sgdph_tools.recipe import with_defaults
+
+    recorded = recipe_from_dict({}).as_dict()
+    del recorded["optimizer"]["estimator"], recorded["optimizer"]["gnb_fraction"]
+    merged = with_defaults(recorded)["optimizer"]
+    assert (merged["estimator"], merged["gnb_fraction"]) == ("rowsum", None)
+
+
+def test_keys_a_run_did_not_use_do_not_tell_runs_apart():
+    from sgdph_tools.recipe import applicable_settings
+
+    new_sgdm = recipe_from_dict({"optimizer": {"name": "sgd"}}).as_dict()
+    old_sgdm = copy.deepcopy(new_sgdm)  # an SGDM run recorded under SGD-PH's earlier defaults
+    old_sgdm["optimizer"].update(estimator="rowsum", gnb_fraction=None, rule="paper")
+    assert recipe_from_dict(old_sgdm).optimizer.name == "sgd"  # still loads
+    assert applicable_settings(old_sgdm) == applicable_settings(new_sgdm)
+    assert "estimator" not in applicable_settings(new_sgdm)["optimizer"]
+    rowsum = applicable_settings(recipe_from_dict({}, ["optimizer.estimator=rowsum"]).as_dict())["optimizer"]
+    assert "gnb_fraction" not in rowsum and rowsum["estimator"] == "rowsum"
 
 
 def test_a_recorded_recipe_keeps_loading_though_it_lists_keys_that_do_not_apply():

@@ -54,10 +54,10 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             weight_decay=cfg.weight_decay,
             so_lr=cfg.so_lr,
             hessian_momentum=cfg.hessian_momentum,
-            estimator=cfg.estimator,
+            estimator="rowsum" if cfg.authors_code else cfg.estimator,  # the authors' rule is rowsum
             engine=cfg.engine,
             hessian_every=cfg.hessian_every,
-            gnb_fraction=cfg.gnb_fraction,
+            gnb_fraction=cfg.gnb_fraction if cfg.estimator == "gnb" and not cfg.authors_code else None,
             authors_code=cfg.authors_code,
             rule=None if cfg.authors_code else cfg.rule,  # None: SGDPH's own choice, the paper's rule for authors_code
             model=model,

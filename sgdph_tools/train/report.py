@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..recipe import with_defaults
+from ..recipe import applicable_settings, with_defaults
 from .metrics import DIVERGED, read_metrics, validation_rank
 
 # What may differ between runs that count as repeats of one experiment.
@@ -85,7 +85,7 @@ class Run:
     def experiment_settings(self) -> dict[str, Any]:
         """The full resolved recipe without seed, name and output folder, plus the world size:
         equal settings are repeats (a DDP run is not a repeat of a single-process one)."""
-        recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.recipe.items()}
+        recipe = applicable_settings(self.recipe)  # keys the run did not use do not tell runs apart
         recipe["trainer"] = {k: v for k, v in recipe["trainer"].items() if k not in _SEED_ONLY}
         recipe["trainer"]["world_size"] = self.world_size
         return recipe

@@ -29,7 +29,7 @@ import yaml
 from ..cpu import threads_per_process
 from ..errors import UserError
 from ..io import remove_stale_temporaries
-from ..recipe import load_recipe, parse_override, recipe_from_dict, with_defaults
+from ..recipe import applicable_settings, load_recipe, parse_override, recipe_from_dict, with_defaults
 from ..records import read_json, write_json
 from .metrics import DIVERGED, read_metrics
 
@@ -155,7 +155,8 @@ class Sweep:
         base = load_recipe(base_recipe)
         base.trainer.name = None  # every run names itself; the base is compared without a name
         base_text = base.to_yaml()
-        if self.base.exists() and with_defaults(yaml.safe_load(self.base.read_text())) != base.as_dict():
+        recorded = with_defaults(yaml.safe_load(self.base.read_text())) if self.base.exists() else None
+        if recorded is not None and applicable_settings(recorded) != applicable_settings(base.as_dict()):
             raise UserError(
                 f"{folder} holds a sweep of another base recipe ({self.base}); give another --dir, or the same recipe"
             )
