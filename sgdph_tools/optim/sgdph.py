@@ -145,8 +145,9 @@ class SGDPH(Optimizer):
         rule: ``"normalized"`` (default; ``docs/evidence.md``), ``"paper"`` (Algorithm 1) or
             ``"damped"``: how the curvature EMA scales the step (above). Per group.
             ``authors_code`` implies and needs ``"paper"``.
-        estimator: ``"rowsum"`` (the paper's ``H_kk·1``), ``"hutchinson"`` (``z ⊙ Hz``, unbiased
-            for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
+        estimator: ``"rowsum"`` (default here: it needs no model; the paper's ``H_kk·1``; recipes
+            default to ``"gnb"`` with ``gnb_fraction=0.25``, ``docs/evidence.md``), ``"hutchinson"``
+            (``z ⊙ Hz``, unbiased for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
             ``"gnb"`` (Gauss-Newton-Bartlett: ``B·ĝ⊙ĝ`` for labels sampled from the model,
             unbiased for the GGN diagonal, non-negative, one extra backward; reads the logits, or
             runs its own forward on a sub-batch with ``gnb_fraction``).
