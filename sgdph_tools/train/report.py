@@ -211,7 +211,8 @@ def best_per_contender(runs: list[Run], by: str = "val_top1") -> list[dict]:
     larger = SELECTION[by][1]
     groups = _group(runs)
     flat = [_flatten(g[0].experiment_settings()) for g in groups]
-    differing = sorted({k for f in flat for k in f if len({json.dumps(x.get(k)) for x in flat}) > 1})
+    # a key differs when the groups that use it disagree on it (an SGDM group has no estimator to compare)
+    differing = sorted({k for f in flat for k in f if len({json.dumps(x[k]) for x in flat if k in x}) > 1})
     rows = []
     for members, settings in zip(groups, flat):
         seeds = [m.seed for m in members]
