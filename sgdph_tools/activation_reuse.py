@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .hessian import _rng_state
+
 
 def _tensors(output: Any) -> list[Tensor] | None:
     """The tensors of a module output that can be handed back (a tensor, or a tuple/list of them)."""
@@ -62,7 +64,6 @@ class ActivationReuse:
         self.enabled = True
         # per tensor (by id): the positions of the recorded calls whose graph reaches it -- usually none
         self.reads_target: dict[int, set[int]] = {}
-        self.off_reason: str | None = None
 
     def for_target(self, target: Tensor) -> ReuseForTarget | None:
         if not self.enabled:
@@ -74,7 +75,7 @@ class ActivationReuse:
 
     def switch_off(self, reason: str) -> None:
         if self.enabled:
-            self.enabled, self.off_reason = False, reason
+            self.enabled = False
             warnings.warn(
                 f"SGDPH: finite differences run the whole forward from now on ({reason})", RuntimeWarning, stacklevel=3
             )
@@ -103,9 +104,6 @@ class ReuseForTarget:
         self.rng_matched = True
         self.handed_back = 0  # outputs handed back in the latest shortened forward (tests, diagnostics)
 
-    def _rng(self) -> tuple:
-        return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self.parent.cuda]
-
     @contextlib.contextmanager
     def recording(self):
         """Around the step's own forward: record every module call and its output until the owning
@@ -119,7 +117,7 @@ class ReuseForTarget:
                 return
             if id(module) in self._owners:
                 reached = True
-                self._rng_at_target = self._rng()
+                self._rng_at_target = _rng_state(self.parent.cuda)
                 return
             call = _Call(id(module))
             self._calls.append(call)
@@ -157,7 +155,7 @@ class ReuseForTarget:
         def owner_reached(module, args):
             if self._rng_at_target is None or self.rng_matched is not True:
                 return
-            now = self._rng()
+            now = _rng_state(self.parent.cuda)
             # a module handed back had drawn random numbers when the states differ: the caller discards
             self.rng_matched = torch.equal(now[0], self._rng_at_target[0]) and all(
                 torch.equal(a, b) for a, b in zip(now[1], self._rng_at_target[1])
