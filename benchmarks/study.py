@@ -3,6 +3,7 @@
     python benchmarks/study.py plan                       # print every sweep command, run nothing
     python benchmarks/study.py run --stage 1 [--only shapes-small_cnn/sgd ...]
     python benchmarks/study.py run --stage 2              # the chosen configurations on 3 more seeds
+    python benchmarks/study.py run --stage 2 --seeds 4-7  # ... and on more, where the noise needs them
     python benchmarks/study.py tables > tables.md         # the tables of docs/evidence.md
 
 Protocol (the same for every contender, so that no contender gets more tuning than another):
@@ -56,6 +57,18 @@ CONTENDERS = {
     "ph-gnb-normalized": (
         "sgdph",
         ["optimizer.rule=normalized", "optimizer.estimator=gnb", "optimizer.gnb_fraction=0.25"],
+        "optimizer.eps=0.3,1",
+    ),
+    # SGD-PH without weight decay on the 1-D parameters: does the curvature add anything once neither
+    # SGD-PH nor SGDM (sgd-no1dwd) decays the gammas?
+    "ph-gnb-normalized-no1dwd": (
+        "sgdph",
+        [
+            "optimizer.rule=normalized",
+            "optimizer.estimator=gnb",
+            "optimizer.gnb_fraction=0.25",
+            "optimizer.weight_decay_1d=0",
+        ],
         "optimizer.eps=0.3,1",
     ),
     "ph-gnb-paper": (
@@ -156,6 +169,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="sweep folder names (e.g. shapes-small_cnn/sgd); default: all")
     parser.add_argument("--root", type=Path, default=Path("runs/study"))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", default="1-3", help="stage 2's seeds (seed 0 is stage 1's run)")
     args = parser.parse_args()
     selected = [s for s in sweeps(args.root) if not args.only or s[0] in args.only]
     if args.action == "tables":
@@ -179,7 +193,7 @@ def main() -> None:
             if config is None:
                 print(f"# {name}: no stage-1 result yet", file=sys.stderr)
                 continue
-            command = sweep_command(recipe, stage2_axes(axes, config), "1-3", folder, args.jobs)
+            command = sweep_command(recipe, stage2_axes(axes, config), args.seeds, folder, args.jobs)
         print(shlex.join(command), flush=True)
         if args.action == "run":
             subprocess.run(command, check=False)

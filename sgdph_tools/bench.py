@@ -30,11 +30,15 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .optim.sgdph import OPTIMIZER_ENGINES
+
+if TYPE_CHECKING:
+    from .optim import SGDPH
 
 #: Every training mode: the HVP-based estimators on every engine, then GNB (which needs none).
 #: ``diagonal`` is left out (one product per element is a diagnostic).
@@ -181,17 +185,10 @@ def _measure(mode: Mode, s: Settings) -> dict:
     # search and the caching allocator's first growth would otherwise land in the timed steps).
     for _ in range(max(1, math.ceil((10 if cuda else 1) / k)) * k):
         step()
-    # rowsum refreshes one tensor per refreshing step, and what that costs depends on the tensor's depth
-    # (a product for a tensor near the input runs the whole backward): each window starts the round
-    # robin at another tensor, spread evenly over the cycle, so the windows sample the whole cycle
-    # rather than its first -- deepest, dearest -- tensors
-    cycle = (
-        [p for g in opt.param_groups if g["second_order"] for p in g["params"]] if mode.estimator == "rowsum" else []
-    )
     per_step = []
     for w in range(s.windows):  # run() checked that a window holds whole refresh cycles
-        for i, p in enumerate(cycle):  # the round robin takes the fewest refreshes, first in order
-            opt.state[p]["hessian_refreshes"] = 1 if i < w * len(cycle) // s.windows else 0
+        if mode.estimator == "rowsum":
+            start_round_robin(opt, w, s.windows)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -206,6 +203,21 @@ def _measure(mode: Mode, s: Settings) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     step_s = statistics.median(per_step)
     return {"step_ms": 1000 * step_s, "peak_mb": peak}
+
+
+def start_round_robin(opt: SGDPH, window: int, windows: int) -> None:
+    """Make rowsum's round robin start window ``window`` of ``windows`` at the tensor
+    ``window * n // windows`` of its n tensors.
+
+    rowsum refreshes one tensor per refreshing step, and what that costs depends on the tensor's depth
+    (a product for a tensor near the input runs the whole backward): starting each window elsewhere,
+    evenly over the cycle, makes the windows sample the whole cycle rather than its first -- deepest,
+    dearest -- tensors. The round robin takes the tensor with the fewest refreshes, first in order, so
+    marking the tensors before the start as refreshed once more moves it there."""
+    cycle = [p for g in opt.param_groups if g["second_order"] for p in g["params"]]
+    start = window * len(cycle) // windows
+    for i, p in enumerate(cycle):
+        opt.state[p]["hessian_refreshes"] = 1 if i < start else 0
 
 
 def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list[dict]:

@@ -20,3 +20,26 @@ def test_a_window_that_splits_a_refresh_cycle_is_refused():
     modes = [Mode("sgdm"), Mode("sgdph", "gnb", None, 10)]
     with pytest.raises(ValueError, match="not a multiple"):
         run(modes, Settings(model="small_cnn", window=4))
+
+
+def test_each_window_starts_the_rowsum_round_robin_elsewhere_in_the_cycle():
+    # the windows must sample the whole cycle, not always its first (deepest, dearest) tensors: the
+    # tensor the optimizer itself chooses next moves evenly over the cycle from window to window
+    import timm
+
+    from sgdph_tools.bench import start_round_robin
+    from sgdph_tools.optim import SGDPH, sgdph_param_groups
+
+    model = timm.create_model("small_cnn", num_classes=10)
+    opt = SGDPH(sgdph_param_groups(model), lr=0.1, estimator="rowsum")
+    cycle = [p for g in opt.param_groups if g["second_order"] for p in g["params"]]
+    assert len(cycle) >= 4
+    starts = []
+    for w in range(4):
+        for p in cycle:  # whatever an earlier window left behind
+            opt.state[p]["hessian_refreshes"] = 7
+        start_round_robin(opt, w, 4)
+        (chosen,) = opt._choose_refresh(1, cycle)
+        starts.append(next(i for i, p in enumerate(cycle) if p is chosen))
+    assert starts == [w * len(cycle) // 4 for w in range(4)]
+    assert len(set(starts)) == 4

@@ -88,6 +88,25 @@ def test_a_sweep_trains_its_grid_once_and_a_second_call_trains_nothing(tmp_path)
     assert isinstance(refused.exception, UserError) and "holds a sweep of another base recipe" in str(refused.exception)
 
 
+def test_the_base_recipe_compares_on_the_settings_a_run_uses(tmp_path):
+    # An SGDM sweep recorded before the default estimator changed holds estimator: rowsum and
+    # gnb_fraction: null in its base.yaml; SGDM uses neither, so today's same recipe continues it.
+    # A key SGDM does use still tells the two apart.
+    from sgdph_tools.train.sweep import Sweep
+
+    recipe, folder = tiny_recipe(tmp_path), tmp_path / "sweep"
+    Sweep(folder, recipe, [])
+    recorded = yaml.safe_load((folder / "base.yaml").read_text())
+    assert recorded["optimizer"]["estimator"] == "gnb"  # today's default, unused by SGDM
+    recorded["optimizer"].update(estimator="rowsum", gnb_fraction=None, rule="paper")
+    (folder / "base.yaml").write_text(yaml.safe_dump(recorded))
+    Sweep(folder, recipe, [])  # no error: the same experiment
+    recorded["optimizer"]["momentum"] = 0.5
+    (folder / "base.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(UserError, match="holds a sweep of another base recipe"):
+        Sweep(folder, recipe, [])
+
+
 class Interrupt(Exception):
     pass
 

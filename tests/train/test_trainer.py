@@ -128,6 +128,16 @@ def test_resume_may_change_the_safe_keys_with_allow_changes_and_records_the_chan
     }
 
 
+def test_resume_with_a_new_weight_decay_keeps_the_decay_of_the_1d_group(tmp_path):
+    # weight_decay_1d gives the 1-D parameters their own group and decay; --allow-changes on
+    # optimizer.weight_decay changes the other groups only
+    Trainer(small_recipe(tmp_path, "trainer.epochs=1", "optimizer.name=sgd", "optimizer.weight_decay_1d=0")).run()
+    changed = ("trainer.epochs=1", "optimizer.name=sgd", "optimizer.weight_decay_1d=0", "optimizer.weight_decay=0.05")
+    resumed = Trainer(small_recipe(tmp_path, *changed), resume=True, allow_changes=True)
+    decay = {all(p.ndim <= 1 for p in g["params"]): g["weight_decay"] for g in resumed.optimizer.param_groups}
+    assert decay == {True: 0.0, False: 0.05}
+
+
 def test_a_torn_metrics_line_and_stale_temporaries_left_by_a_kill_do_not_stop_resume_or_report(tmp_path, capsys):
     from sgdph_tools.train.report import load_run
 
