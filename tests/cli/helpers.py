@@ -1,4 +1,8 @@
-"""Running the CLI: in-process (typer's runner) for speed, or as a real process for exit codes."""
+"""Running the CLI: in-process (typer's runner) for speed, or as a real process for exit codes.
+
+A command's bad input is tested in-process with :func:`user_error` (the message, one line); what
+the entry point makes of any such error -- exit code 2, ``error: ...`` on stderr, no traceback
+unless ``SGDPH_DEBUG`` asks -- is tested once, as a real process, in tests/cli/test_app.py."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from typer.testing import CliRunner
 
 from sgdph_tools.cli import app
+from sgdph_tools.errors import UserError
 
 runner = CliRunner()
 
@@ -23,6 +28,16 @@ def invoke(*args: str, cwd=None):
         return runner.invoke(app, list(args), catch_exceptions=True)
     finally:
         os.chdir(old)
+
+
+def user_error(*args: str, cwd=None) -> str:
+    """The message of the :class:`UserError` a command raises for bad input (asserted to be one line,
+    which the entry point prints as ``error: <message>`` with exit code 2)."""
+    result = invoke(*args, cwd=cwd)
+    assert isinstance(result.exception, UserError), f"expected a UserError, got {result.exception!r}: {result.output}"
+    message = str(result.exception)
+    assert message and "\n" not in message, f"not one line: {message!r}"
+    return message
 
 
 def sgdph(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
