@@ -61,11 +61,17 @@ def gauss_newton_bartlett(
 ) -> list[Tensor]:
     """``B·ĝ⊙ĝ`` per parameter, ĝ the gradient of the mean cross-entropy of ``logits`` against labels
     sampled from ``softmax(logits)``: an unbiased estimate of the GGN diagonal. The graph of
-    ``logits`` is kept for the caller. ``generator``'s device is where the labels are drawn."""
+    ``logits`` is kept for the caller. ``generator``'s device is where the labels are drawn.
+
+    Non-finite logits (a diverged model) give NaN estimates, as every other estimator's would, rather
+    than an exception from the label sampler: the optimizer keeps its previous estimate, and the
+    caller's loss -- non-finite too -- tells it the run diverged."""
     _check_logits(logits)
     params = _check_params(params)
     checks.generator("generator", generator)
     probs = torch.softmax(logits.detach().float(), dim=1)
+    if not bool(torch.isfinite(probs).all()):
+        return [torch.full_like(p, float("nan")) for p in params]
     device = generator.device if generator is not None else probs.device
     labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
     loss = F.cross_entropy(logits, labels)

@@ -171,3 +171,24 @@ def test_gnb_fraction_errors_name_the_fix():
     net.eval()  # an eval forward is not recorded: there is no training input yet
     with pytest.raises(RuntimeError, match="has not run a forward in train mode"):
         opt.step(loss_fn=lambda: F.cross_entropy(net(x), y))
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5], ids=["logits", "sub-batch"])
+def test_gnb_on_a_diverged_model_keeps_its_estimate_and_returns_the_non_finite_loss(fraction):
+    """A model whose logits went non-finite is the caller's divergence to detect (from the loss the
+    step returns), as with SGDM: GNB's label sampling must not raise in between."""
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    x, y = batch_for(net)
+    opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="gnb", gnb_fraction=fraction, model=net)
+    opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
+    params = opt.param_groups[0]["params"]
+    before = [opt.state[p]["hessian_ema"].clone() for p in params]
+    with torch.no_grad():
+        next(p for p in net.parameters() if p.ndim > 1).fill_(float("inf"))
+    loss = opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
+    assert not torch.isfinite(loss)
+    for p, b in zip(params, before):
+        assert torch.equal(opt.state[p]["hessian_ema"], b)
+    logits = net(x)
+    assert all(torch.isnan(h).all() for h in gauss_newton_bartlett(logits, params))
