@@ -41,12 +41,13 @@ def user_error(*args: str, cwd=None) -> str:
 
 
 def sgdph(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """The real ``sgdph`` entry point in a subprocess (exit codes, stderr, no traceback)."""
+    """The real ``sgdph`` entry point in a subprocess (exit codes, stderr, no traceback). A developer's
+    ``SGDPH_DEBUG`` is not inherited: pass it in ``env`` where a test wants the traceback."""
     return subprocess.run(
         [sys.executable, "-m", "sgdph_tools", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**{k: v for k, v in os.environ.items() if k != "SGDPH_DEBUG"}, **(env or {})},
         timeout=timeout,
     )

@@ -3,20 +3,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 import sgdph_tools
-
-
-def sgdph(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SGDPH_DEBUG"} | ({"SGDPH_DEBUG": "1"} if debug else {})
-    return subprocess.run(
-        [sys.executable, "-m", "sgdph_tools", *args], capture_output=True, text=True, timeout=120, env=env
-    )
+from tests.cli.helpers import sgdph
 
 
 def test_version_and_help():
@@ -37,7 +27,7 @@ def test_a_user_error_is_one_line_with_exit_code_2_and_the_debug_variable_shows_
     assert r.returncode == 2
     assert r.stderr.startswith("error: unknown model 'vgg19_nbn'; did you mean 'vgg19_nobn'")
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    r = sgdph("convert", "vgg19_nbn", debug=True)
+    r = sgdph("convert", "vgg19_nbn", env={"SGDPH_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr and "UserError: unknown model 'vgg19_nbn'" in r.stderr
 
 

@@ -60,9 +60,10 @@ def test_nproc_is_checked_before_any_process_starts():
         assert isinstance(result.exception, UserError) and f"--nproc must be at least 1, got {bad}" in str(
             result.exception
         )
-    result = invoke("train", QUICK, "--nproc", "3")  # batch 32 over 3 processes: refused, nothing launched
+    result = invoke("train", QUICK, "--nproc", "3")  # batch 32 over 3 processes: refused, one line, nothing launched
     assert isinstance(result.exception, UserError) and "launching" not in result.output
-    assert "does not split evenly over --nproc 3 processes" in user_error("train", QUICK, "--nproc", "3")
+    message = str(result.exception)
+    assert "does not split evenly over --nproc 3 processes" in message and "\n" not in message
 
 
 def test_dry_run_rejects_what_training_would_reject_and_prints_only_valid_recipes(tmp_path):
