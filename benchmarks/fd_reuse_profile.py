@@ -5,7 +5,7 @@
 For every ``--every``-th second-order tensor of the model (in the round robin's order, input side
 first): the time of one finite-difference product ``H·1`` for that tensor -- the perturbed forward and
 the backward to the tensor -- with the full forward and with the activations below the tensor's
-layer reused (``sgdph_tools/activation_reuse.py``), back to back, and whether the two results are
+layer reused (``sgdph_tools/curvature/activation_reuse.py``), back to back, and whether the two results are
 identical bit for bit. ``docs/benchmarks.md`` quotes it.
 """
 
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import sgdph_tools  # noqa: F401  (registers the project's models)
-from sgdph_tools.activation_reuse import ActivationReuse
-from sgdph_tools.hessian import FiniteDifferenceHVP, ForwardReplay
+from sgdph_tools.curvature import FiniteDifferenceHVP, ForwardReplay
+from sgdph_tools.curvature.activation_reuse import ActivationReuse
 from sgdph_tools.optim import sgdph_param_groups
 
 

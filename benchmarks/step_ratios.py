@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sgdph_tools.optim.sgdph import _step_denominators
+from sgdph_tools.optim.functional import step_denominators
 
 
 def ratios(run: Path) -> list[tuple[str, float, float, float]]:
@@ -32,7 +32,7 @@ def ratios(run: Path) -> list[tuple[str, float, float, float]]:
             if not s or not s["hessian_refreshes"]:
                 continue
             c = 1 - group["hessian_momentum"] ** s["hessian_refreshes"]
-            denoms, numerator = _step_denominators(
+            denoms, numerator = step_denominators(
                 [s["hessian_ema"].double()],
                 [c],
                 so_lr=group["so_lr"],

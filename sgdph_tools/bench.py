@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .optim.sgdph import OPTIMIZER_ENGINES
+from .curvature.capabilities import training_modes
 
 if TYPE_CHECKING:
     from .optim import SGDPH
 
 #: Every training mode: the HVP-based estimators on every engine, then GNB (which needs none).
 #: ``diagonal`` is left out (one product per element is a diagnostic).
-ESTIMATOR_ENGINES = [(est, eng) for est in ("rowsum", "hutchinson") for eng in OPTIMIZER_ENGINES] + [("gnb", None)]
+ESTIMATOR_ENGINES = training_modes()
 #: gnb from its own forward on this fraction of the batch (the optimizer's ``gnb_fraction``).
 GNB_FRACTIONS = (0.25,)
 
@@ -212,12 +212,9 @@ def start_round_robin(opt: SGDPH, window: int, windows: int) -> None:
     rowsum refreshes one tensor per refreshing step, and what that costs depends on the tensor's depth
     (a product for a tensor near the input runs the whole backward): starting each window elsewhere,
     evenly over the cycle, makes the windows sample the whole cycle rather than its first -- deepest,
-    dearest -- tensors. The round robin takes the tensor with the fewest refreshes, first in order, so
-    marking the tensors before the start as refreshed once more moves it there."""
-    cycle = [p for g in opt.param_groups if g["second_order"] for p in g["params"]]
-    start = window * len(cycle) // windows
-    for i, p in enumerate(cycle):
-        opt.state[p]["hessian_refreshes"] = 1 if i < start else 0
+    dearest -- tensors."""
+    n = sum(len(g["params"]) for g in opt.param_groups if g["second_order"])
+    opt.start_round_robin(window * n // windows)
 
 
 def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list[dict]:

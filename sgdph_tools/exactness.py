@@ -32,14 +32,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gauss_newton import GGNVectorProduct, gauss_newton_bartlett
-from .hessian import ESTIMATORS, AutogradHVP, FiniteDifferenceHVP, ForwardReplay, estimate, math_attention
+from .curvature import (
+    AutogradHVP,
+    FiniteDifferenceHVP,
+    ForwardReplay,
+    GGNVectorProduct,
+    estimate,
+    gauss_newton_bartlett,
+    math_attention,
+)
+from .curvature.capabilities import STOCHASTIC, measured_combinations
 from .optim import sgdph_param_groups
-from .optim.sgdph import OPTIMIZER_ENGINES
 
-COMBINATIONS = [(est, eng) for est in ESTIMATORS for eng in OPTIMIZER_ENGINES]  # then gnb, which needs no engine
+COMBINATIONS = measured_combinations()  # then gnb, which needs no engine
 GNB_FRACTIONS = (1.0, 0.5, 0.25)
-STOCHASTIC = ("hutchinson", "gnb")
 
 
 def deterministic_train_mode(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ def test_each_window_starts_the_rowsum_round_robin_elsewhere_in_the_cycle():
         for p in cycle:  # whatever an earlier window left behind
             opt.state[p]["hessian_refreshes"] = 7
         start_round_robin(opt, w, 4)
-        (chosen,) = opt._choose_refresh(1, cycle)
+        (chosen,) = opt.refresh_schedule.choose(1, cycle, opt.state)
         starts.append(next(i for i, p in enumerate(cycle) if p is chosen))
     assert starts == [w * len(cycle) // 4 for w in range(4)]
     assert len(set(starts)) == 4

@@ -46,7 +46,7 @@ def train_command(
             f"--nproc {nproc} processes: choose a multiple of {nproc}"
         )
     if dry_run:
-        from ..train.trainer import check_buildable  # heavy imports only when needed
+        from ..train.build import check_buildable  # heavy imports only when needed
 
         check_buildable(resolved)
         console.print(f"# {recipe_path} resolved with {len(overrides or [])} override(s); valid", style="dim")

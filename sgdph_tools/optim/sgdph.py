@@ -1,85 +1,28 @@
 """SGD with Partial Hessian (SGD-PH), in the style of ``torch/optim/sgd.py``: the :class:`SGDPH` class
-gathers gradients, curvature estimates and state, and calls the functional :func:`sgdph`."""
+gathers gradients, curvature estimates (from :mod:`sgdph_tools.curvature`) and state, and calls the
+functional :func:`~sgdph_tools.optim.functional.sgdph`."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd as sgd_functional
 
-from .. import checks, distributed
-from ..activation_reuse import ActivationReuse, ReuseForTarget
-from ..gauss_newton import GGNVectorProduct, SubBatchGNB, gauss_newton_bartlett
-from ..hessian import (
-    ENGINES,
-    ESTIMATORS,
-    HVP,
-    AutogradHVP,
-    ClosureReplay,
-    FiniteDifferenceHVP,
-    ForwardReplay,
-    _cuda_indices,
-    check_choice,
-    estimate,
-    math_attention,
-    no_double_backward_error,
-)
+from ..curvature import ENGINES, ESTIMATORS, AmpScale, Needs, StepCurvature, check_choice
+from ..curvature.capabilities import STOCHASTIC
+from .functional import DEFAULT_EPS, DEFAULT_RULE, RULES, sgdph
 from .param_groups import second_order_groups
+from .refresh import RefreshSchedule, start_round_robin
+from .settings import OPTIMIZER_WIDE, check_settings, renamed_scaler, upgrade_state_dict
 
-__all__ = ["SGDPH", "sgdph"]
-
-#: What the optimizer offers on top of :func:`~sgdph_tools.partial_hessian`'s HVP-based choices: the
-#: Gauss-Newton-Bartlett estimate of the GGN diagonal, and exact GGN-vector products as an engine
-#: (:mod:`sgdph_tools.gauss_newton`). Both read the logits.
-OPTIMIZER_ESTIMATORS = (*ESTIMATORS, "gnb")
-OPTIMIZER_ENGINES = (*ENGINES, "gauss_newton")
-#: How the curvature EMA turns into a step (``rule=``; the class docstring gives the formulas).
-RULES = ("paper", "damped", "normalized")
-#: The rule when none is given: ``normalized``, chosen by the study in docs/evidence.md (it ties SGDM
-#: with BatchNorm and beats it without; the paper's rule lost on both nets and diverged on one seed).
-#: ``authors_code=True`` implies the paper's rule.
-DEFAULT_RULE = "normalized"
-#: ε when none is given: the paper's for its rule; for ``normalized`` ε is relative to the tensor's mean
-#: curvature (0.3: r between 0 and 4.3), the value the study chose on validation in all four of its
-#: ``normalized`` contenders (grid 0.3, 1); for ``damped`` it is an absolute curvature with no
-#: scale-free value -- 0.3 is where the weight-norm study saw SGD-PH train as well as SGDM.
-DEFAULT_EPS = {"paper": 1e-4, "damped": 0.3, "normalized": 0.3}
-
-#: Settings that hold for the whole optimizer (one engine per step; Hutchinson probes every tensor
-#: at once). They sit in every param group, so they travel with ``state_dict()``; all groups agree.
-OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "gnb_fraction", "authors_code", "seed")
-
-_MISSING_GRAPH = (
-    "SGDPH needs the gradient graph of the second-order parameters to estimate their Hessian: call "
-    "loss.backward(create_graph=optimizer.is_second_order) before optimizer.step() (or in the closure), "
-    "or let the optimizer run the backward itself with optimizer.step(loss_fn=fn)"
-)
-_NEEDS_CLOSURE = (
-    "engine='finite_difference' re-evaluates the loss at a perturbed point: call optimizer.step(closure) "
-    "with a standard closure (zero the grads, forward, loss.backward(), return the loss), or "
-    "optimizer.step(loss_fn=fn), fn() returning the loss without calling backward"
-)
-_NEEDS_LOGITS = (
-    "estimator='gnb' and engine='gauss_newton' read the logits: return (loss, logits) from the closure or "
-    "from loss_fn, e.g. optimizer.step(loss_fn=lambda: (criterion(logits := model(x), y), logits))"
-)
-_GRAPH_FREED = (
-    "the logits' graph was freed by the closure's backward: call loss.backward(create_graph="
-    "optimizer.is_second_order) in the closure (it keeps the graph), or use optimizer.step(loss_fn=...)"
-)
-_DDP_DOUBLE_BACKWARD = (
-    "DistributedDataParallel cannot run backward(create_graph=True): pass model=<the DDP module> to SGDPH "
-    "(the optimizer then runs the closure under no_sync() and averages the gradients itself), or call "
-    "optimizer.step(loss_fn=fn), or use engine='finite_difference'"
-)
+__all__ = ["SGDPH", "sgdph", "OPTIMIZER_WIDE"]
 
 
 class SGDPH(Optimizer):
@@ -115,10 +58,10 @@ class SGDPH(Optimizer):
     is not used). ``docs/evidence.md`` measures them against each other; ``normalized`` is the
     default since that study (the paper's rule: ``rule="paper"``).
 
-    Refresh schedule: ``rowsum`` (and ``diagonal``) refresh ONE second-order tensor per refreshing
-    step, round robin in parameter order (the tensor with the fewest refreshes so far, first in
-    order: frozen or unused tensors are skipped without breaking the cycle); ``hutchinson``
-    refreshes all of them with one HVP. A step is refreshing when ``(t - 1) % hessian_every == 0``.
+    Refresh schedule (:mod:`sgdph_tools.optim.refresh`): ``rowsum`` (and ``diagonal``) refresh ONE
+    second-order tensor per refreshing step, round robin; ``hutchinson`` and ``gnb`` refresh all of
+    them. A step is refreshing when ``(t - 1) % hessian_every == 0``. The estimates themselves come from
+    :mod:`sgdph_tools.curvature`; this class only updates.
 
     ``authors_code=True`` follows the authors' released ``sgdph.py`` instead, step for step: the
     second-order parameters are the 1-D ones by ``ndim`` (the last one takes an SGD step), the round
@@ -170,7 +113,9 @@ class SGDPH(Optimizer):
             wrapped in ``DistributedDataParallel`` (the optimizer then runs closures under
             ``no_sync()`` and averages gradients itself, which is what lets the autograd engine work
             under DDP) or compiled with ``torch.compile`` (compiled modules hide their buffers from
-            the global hook that restores BatchNorm statistics after an extra forward).
+            the global hook that restores BatchNorm statistics after an extra forward). The optimizer
+            puts a forward pre-hook on it (to record the inputs that ``gnb_fraction`` takes its
+            sub-batch from); :meth:`close`, or collecting the optimizer, removes it.
 
     ``estimator``, ``engine``, ``hessian_every``, ``authors_code`` and ``seed`` are optimizer-wide:
     they are stored in every param group, so ``state_dict()`` carries them, and on
@@ -198,12 +143,15 @@ class SGDPH(Optimizer):
     ``gnb`` and ``gauss_newton`` read the logits: the closure or ``loss_fn`` returns
     ``(loss, logits)`` instead of the loss (any estimator accepts that form).
 
-    With AMP, ``scaler.step(optimizer)`` works as with any optimizer (GradScaler hands itself to
-    ``step``; the HVP of a scaled loss is divided by the scale); in usage B pass
-    ``step(loss_fn=fn, grad_scaler=scaler)``. Then ``scaler.update()``.
+    With AMP (fp16), ``scaler.scale(loss).backward(create_graph=optimizer.is_second_order)``,
+    ``scaler.step(optimizer)``, ``scaler.update()`` works as with any optimizer, through torch's protocol
+    (GradScaler sets ``grad_scale`` and ``found_inf`` on the optimizer): the step unscales the gradients,
+    is skipped when one is not finite, and the HVP of the scaled loss is divided by the scale -- also
+    when the caller unscaled first, to clip. In usage B the gradients only appear inside ``step``, so
+    the scaler is handed to it: ``step(loss_fn=fn, scaler=scaler)``, then ``scaler.update()``.
     """
 
-    _step_supports_amp_scaling = True  # GradScaler.step passes itself: the HVP needs its scale
+    _step_supports_amp_scaling = True  # GradScaler.step sets grad_scale / found_inf: the HVP needs the scale
 
     def __init__(
         self,
@@ -227,31 +175,17 @@ class SGDPH(Optimizer):
     ):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors or param-group dicts, not one tensor: pass [tensor]")
-        for name, value in (
-            ("lr", lr),
-            ("momentum", momentum),
-            ("weight_decay", weight_decay),
-            ("so_lr", so_lr),
-            ("hessian_momentum", hessian_momentum),
-            *([("eps", eps)] if eps is not None else []),
-        ):
-            checks.number(name, value)
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("so_lr", so_lr)):
-            if not value >= 0.0:
-                raise ValueError(f"invalid {name}: {value} (must be >= 0)")
-        if not 0.0 <= hessian_momentum < 1.0:
-            raise ValueError(f"invalid hessian_momentum: {hessian_momentum} (must be in [0, 1))")
         if rule is None:
             rule = "paper" if authors_code else DEFAULT_RULE
         check_choice("rule", rule, RULES)
-        if eps is None:
-            eps = DEFAULT_EPS[rule]
-        if not eps > 0.0:
-            raise ValueError(f"invalid eps: {eps} (must be > 0)")
+        eps = DEFAULT_EPS[rule] if eps is None else eps
+        check_settings(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum, eps=eps
+        )
         if not (isinstance(hessian_every, int) and hessian_every >= 1):
             raise ValueError(f"invalid hessian_every: {hessian_every} (must be an integer >= 1)")
-        check_choice("estimator", estimator, OPTIMIZER_ESTIMATORS)
-        check_choice("engine", engine, OPTIMIZER_ENGINES)
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("engine", engine, ENGINES)
         if authors_code and rule != "paper":
             raise ValueError(f"authors_code=True is the authors' rule: rule='paper' (got rule={rule!r})")
         if authors_code:
@@ -259,30 +193,17 @@ class SGDPH(Optimizer):
                 raise ValueError("authors_code=True is the authors' rule: estimator='rowsum', hessian_every=1")
             if not 0.0 < momentum < 1.0:
                 raise ValueError("authors_code=True needs 0 < momentum < 1 (their Hessian EMA uses it)")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module (the one the closure runs), got {type(model).__name__}")
         if gnb_fraction is not None:
             if not (isinstance(gnb_fraction, (int, float)) and 0.0 < gnb_fraction <= 1.0):
                 raise ValueError(f"invalid gnb_fraction: {gnb_fraction} (must be in (0, 1], or None)")
             if estimator != "gnb":
                 raise ValueError(f"gnb_fraction applies to estimator='gnb' only (got estimator={estimator!r})")
-            if model is None:
-                raise ValueError(
-                    "gnb_fraction needs model=<the module the loss runs>: the sub-batch is taken from "
-                    "its recorded inputs"
-                )
         self.model = model
-        #: finite differences along one tensor reuse the activations below it (needs ``model``; exact:
-        #: sgdph_tools/activation_reuse.py); False: every perturbed forward runs in full
-        self.reuse_activations = True
-        self._activation_reuse: ActivationReuse | None = None
-        # Records the model's inputs while the optimizer estimates GNB from a sub-batch (a hook is
-        # registered whenever a model is given: a loaded checkpoint may switch gnb_fraction on).
-        self._sub_batch = (
-            SubBatchGNB(model, list(model.buffers()), recording=lambda: self._gnb_fraction is not None)
-            if model is not None
-            else None
-        )
+        #: gradients and estimates (sgdph_tools.curvature); holds the model's hook, not the optimizer
+        self.curvature = StepCurvature(model)
+        self.curvature.configure(estimator, engine, gnb_fraction)
+        # The hook goes with the optimizer: no strong reference from the finalizer back to self.
+        self._finalizer = weakref.finalize(self, self.curvature.close)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -301,6 +222,10 @@ class SGDPH(Optimizer):
         )
         super().__init__(second_order_groups(params, authors_code=authors_code), defaults)
 
+    def close(self) -> None:
+        """Remove the forward hook the optimizer put on ``model`` (also done when it is collected)."""
+        self._finalizer()
+
     # ------------------------------------------------------------------------- settings
 
     @property
@@ -316,12 +241,13 @@ class SGDPH(Optimizer):
         return self.param_groups[0]["hessian_every"]
 
     @property
-    def _gnb_fraction(self) -> float | None:
-        return self.param_groups[0]["gnb_fraction"] if self.estimator == "gnb" else None
-
-    @property
     def authors_code(self) -> bool:
         return self.param_groups[0]["authors_code"]
+
+    @property
+    def needs(self) -> Needs:
+        """What the optimizer's curvature estimate needs from a step (:func:`sgdph_tools.curvature.needs`)."""
+        return self.curvature.needs
 
     @property
     def is_second_order(self) -> bool:
@@ -329,20 +255,28 @@ class SGDPH(Optimizer):
         for the double backward of the autograd engine, and for the estimates that read the logits
         (``gnb``, ``gauss_newton``) after the backward. The finite-difference engine and ``gnb`` with
         ``gnb_fraction`` (its own forward) need none."""
-        if self.estimator == "gnb":
-            return self._gnb_fraction is None
-        return self.engine != "finite_difference"
+        return self.needs.keeps_graph
 
     @property
-    def _reads_logits(self) -> bool:
-        if self.estimator == "gnb":
-            return self._gnb_fraction is None
-        return self.engine == "gauss_newton"
+    def reuse_activations(self) -> bool:
+        """Finite differences along one tensor reuse the activations below it (needs ``model``)."""
+        return self.curvature.reuse_activations
+
+    @reuse_activations.setter
+    def reuse_activations(self, value: bool) -> None:
+        self.curvature.reuse_activations = bool(value)
 
     @property
-    def _double_backward(self) -> bool:
-        """The Hessian pass differentiates the backward (autograd HVPs, or the double-vjp of GGN products)."""
-        return self.estimator != "gnb" and self.engine in ("autograd", "gauss_newton")
+    def refresh_schedule(self) -> RefreshSchedule:
+        """When the curvature is refreshed and for which tensors (:mod:`sgdph_tools.optim.refresh`)."""
+        group = self.param_groups[0]
+        return RefreshSchedule(
+            group["hessian_every"], not self.needs.refreshes_all, group["authors_code"], group["seed"]
+        )
+
+    def start_round_robin(self, index: int) -> None:
+        """Make the next round-robin refresh take the ``index``-th second-order tensor."""
+        start_round_robin(self.state, self._second_order_params(), index)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in OPTIMIZER_WIDE:
@@ -376,7 +310,7 @@ class SGDPH(Optimizer):
         """torch's, plus: the checkpoint's optimizer-wide settings replace the constructor's (with a
         warning naming them), and checkpoints of sgdph-tools 0.1 (an ``"sgdph"`` state entry) load."""
         constructed = {k: self.defaults[k] for k in OPTIMIZER_WIDE}
-        super().load_state_dict(_upgrade_state_dict(state_dict))
+        super().load_state_dict(upgrade_state_dict(state_dict))
         for group in self.param_groups:
             for key, value in constructed.items():
                 group.setdefault(key, value)
@@ -392,6 +326,7 @@ class SGDPH(Optimizer):
                 stacklevel=2,
             )
         self.defaults.update(loaded)
+        self.curvature.configure(loaded["estimator"], loaded["engine"], loaded["gnb_fraction"])
 
     def _second_order_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -402,15 +337,12 @@ class SGDPH(Optimizer):
             state["hessian_refreshes"] = 0
         return state
 
+    def _second_order_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups if g["second_order"] for p in g["params"]]
+
     def _steps_taken(self) -> int:
         """The optimizer's step count: the largest per-parameter count of the second-order params."""
-        steps = [
-            self.state[p]["step"]
-            for g in self.param_groups
-            if g["second_order"]
-            for p in g["params"]
-            if "step" in self.state.get(p, {})
-        ]
+        steps = [self.state[p]["step"] for p in self._second_order_params() if "step" in self.state.get(p, {})]
         return int(max(float(s) for s in steps)) if steps else 0
 
     # ------------------------------------------------------------------------- step
@@ -420,63 +352,56 @@ class SGDPH(Optimizer):
         closure: Callable[[], Any] | None = None,
         *,
         loss_fn: Callable[[], Tensor] | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
+        **renamed: Any,
     ) -> Tensor | None:
         """One optimization step. See the class docstring for the three usages.
 
-        ``max_grad_norm`` (closure or ``loss_fn``): clip the total gradient norm after the
-        gradients are computed, averaged across processes and unscaled -- a caller cannot, since
-        they appear inside ``step``. The Hessian estimate is not clipped.
+        ``scaler`` (usage B): the GradScaler that scales the loss inside the step; ``max_grad_norm``
+        (closure or ``loss_fn``): clip the total gradient norm after the gradients are computed,
+        averaged across processes and unscaled -- a caller cannot, since they appear inside ``step``.
+        The Hessian estimate is not clipped. (``grad_scaler=`` is the old name of ``scaler=``.)
         """
+        scaler = renamed_scaler(scaler, renamed)
         if closure is not None and loss_fn is not None:
             raise ValueError("pass either a closure (which calls backward) or loss_fn (which does not), not both")
+        if max_grad_norm is not None and closure is None and loss_fn is None:
+            raise ValueError("max_grad_norm needs a closure or loss_fn; without them clip .grad yourself before step()")
         step = self._steps_taken() + 1
+        schedule = self.refresh_schedule
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         second_order = [p for g in self.param_groups if g["second_order"] for p in g["params"] if p.requires_grad]
-        refreshing = bool(second_order) and (step - 1) % self.hessian_every == 0
-        scaled = grad_scaler is not None and grad_scaler.is_enabled()
-
-        loss = logits = None
-        uses_replay = closure is not None or loss_fn is not None
-        cut = self._activations_to_reuse(step, second_order) if refreshing and uses_replay else None
-        if loss_fn is not None:
-            loss, logits, hvp_for = self._gradients_from_loss_fn(
-                loss_fn, refreshing, grad_scaler if scaled else None, cut
-            )
-        elif closure is not None:
-            loss, logits, hvp_for = self._gradients_from_closure(closure, refreshing, cut)
-        else:
-            if max_grad_norm is not None:
-                raise ValueError(
-                    "max_grad_norm needs a closure or loss_fn; without them clip .grad yourself before step()"
-                )
-            hvp_for = self._hvp_from_backward_graph
-        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if scaled:
-            try:
-                grad_scaler.unscale_(self)  # records found_inf for scaler.update()
-            except RuntimeError as error:  # the caller unscaled already (e.g. to clip): fine
-                if "already been called" not in str(error):
-                    raise
-            if not _all_finite([p.grad for p in with_grad]):
-                if loss_fn is None:
-                    self._free_graph()
-                return loss  # skipped, like GradScaler.step: no state changes
+        refreshing = bool(second_order) and schedule.refreshes(step)
+        cut = None
+        if refreshing and (closure is not None or loss_fn is not None) and not self.authors_code:
+            # finite differences along the one tensor a round-robin refresh perturbs record the
+            # activations below it during the forward; the choice is made again once the grads are known
+            if self.curvature.reuses_activations():
+                predicted = schedule.choose(step, second_order, self.state)
+                cut = self.curvature.activations_to_reuse(predicted[0], {p.device for p in params})
+        amp = AmpScale(scaler, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        grads = self.curvature.gradients(
+            self, params, second_order, closure=closure, loss_fn=loss_fn, refreshing=refreshing, amp=amp, cut=cut
+        )
+        if grads.skipped:  # a non-finite gradient under a loss scale: no state changes, as GradScaler
+            self._free_graph()
+            return grads.loss
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
-
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
         hessians: dict[Tensor, Tensor] = {}
         if refreshing:
-            refresh = self._choose_refresh(step, [p for p in second_order if p.grad is not None])
+            with_grad = [p for p in second_order if p.grad is not None]
+            refresh = schedule.choose(step, with_grad, self.state, self._one_d_params())
             if refresh:
-                hessians = self._estimate(refresh, hvp_for, logits, step, grad_scaler.get_scale() if scaled else 1.0)
-
+                generator = schedule.generator(step) if self.estimator in STOCHASTIC else None
+                hessians = self.curvature.estimate(grads, refresh, generator)
         with torch.no_grad():
             for group in self.param_groups:
                 self._update_group(group, hessians, step)
         if loss_fn is None:  # loss_fn's gradients are detached already; a caller's backward may hold a graph
             self._free_graph()
-        return loss
+        return grads.loss
 
     def _free_graph(self) -> None:
         """Detach ``.grad``: a gradient built with ``create_graph`` keeps the double-backward graph
@@ -486,199 +411,11 @@ class SGDPH(Optimizer):
                 if p.grad is not None and p.grad.requires_grad:
                     p.grad = p.grad.detach()
 
-    # ------------------------------------------------------------------------- gradients and HVPs
-
-    def _replay_buffers(self) -> list[Tensor]:
-        return list(self.model.buffers()) if self.model is not None else []
-
-    def _devices(self) -> set[torch.device]:
-        return {p.device for g in self.param_groups for p in g["params"]}
-
-    def _activations_to_reuse(self, step: int, second_order: list[Tensor]) -> ReuseForTarget | None:
-        """For a finite difference along one tensor: the record of the activations below it, which the
-        perturbed forward reuses (:mod:`sgdph_tools.activation_reuse`); None where that does not apply."""
-        if not (
-            self.reuse_activations
-            and self.engine == "finite_difference"
-            and self.estimator in ("rowsum", "diagonal")
-            and not self.authors_code
-            and self.model is not None
-            and not isinstance(self.model, nn.parallel.DistributedDataParallel)
-            and not _is_compiled(self.model)
-        ):
-            return None
-        if self._activation_reuse is None:
-            self._activation_reuse = ActivationReuse(self.model, _cuda_indices(self._devices()))
-        predicted = self._choose_refresh(step, second_order)  # the choice after the forward, unless a grad is missing
-        return self._activation_reuse.for_target(predicted[0]) if predicted else None
-
-    def _gradients_from_loss_fn(self, loss_fn, refreshing: bool, grad_scaler, cut: ReuseForTarget | None = None):
-        """Usage B: run the forward, compute and write every gradient, and return the loss and a
-        function that builds the HVP engine for the tensors chosen for refresh."""
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        first: list[tuple[Tensor, Tensor | None]] = []
-
-        def forward() -> Tensor:
-            loss, logits = _loss_and_logits(loss_fn())
-            if not first:
-                first.append((loss, logits))
-            return grad_scaler.scale(loss) if grad_scaler is not None else loss
-
-        self.zero_grad(set_to_none=True)
-        replay = ForwardReplay(forward, self._devices(), self._replay_buffers)
-        replay.cut = cut
-        create_graph = refreshing and self._double_backward and self.engine == "autograd"
-        keep_graph = create_graph or (refreshing and self._reads_logits)
-        with (
-            torch.enable_grad(),
-            math_attention() if refreshing and self._double_backward else contextlib.nullcontext(),
-        ):
-            grads = torch.autograd.grad(
-                replay.first(), params, create_graph=create_graph, retain_graph=keep_graph, allow_unused=True
-            )
-        local = dict(zip(params, grads))  # this process's gradients, with graph when create_graph
-        for p, g in local.items():
-            if g is not None:
-                p.grad = g.detach().clone() if create_graph else g
-        # Our own backward bypasses DDP's reducer: average the gradients across processes here.
-        distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
-
-        def hvp_for(refresh: list[Tensor]) -> HVP:
-            if self.engine == "autograd":
-                return AutogradHVP([local[p] for p in refresh], refresh)
-            # The finite difference pairs the local gradient at θ with the local one at θ + r·v.
-            return FiniteDifferenceHVP(replay, refresh, [local[p] for p in refresh])
-
-        loss, logits = first[0]
-        return loss.detach(), logits, hvp_for
-
-    def _gradients_from_closure(self, closure, refreshing: bool, cut: ReuseForTarget | None = None):
-        """A standard closure. Under a DDP ``model`` it runs without the reducer (``no_sync``) and
-        the gradients are averaged here, as in usage B; otherwise the gradients are whatever the
-        closure's backward produced (averaged by DDP, if the closure's module is one)."""
-        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
-        params = [p for g in self.param_groups for p in g["params"]]
-        if self.model is not None:
-            known = {id(p) for p in params}
-            params += [p for p in self.model.parameters() if id(p) not in known]
-        # Switching requires_grad off is unsafe under a DDP reducer that expects every gradient and
-        # makes a compiled model recompile: then the re-evaluation computes every gradient.
-        reducer_in_the_way = distributed.world_size() > 1 and ddp is None
-        cheap = not reducer_in_the_way and not _is_compiled(self.model)
-        replay = ClosureReplay(
-            closure,
-            params,
-            self._devices(),
-            self._replay_buffers,
-            cheap=cheap,
-            sync=ddp.no_sync if ddp is not None else contextlib.nullcontext,
-        )
-        replay.cut = cut
-        try:
-            with math_attention() if refreshing and self._double_backward else contextlib.nullcontext():
-                loss, logits = _loss_and_logits(replay.first())
-        except RuntimeError as error:
-            if reducer_in_the_way and "leaf Variable that requires grad" in str(error):
-                raise RuntimeError(_DDP_DOUBLE_BACKWARD) from None
-            raise
-        second_order = [p for g in self.param_groups if g["second_order"] for p in g["params"]]
-        local = {p: p.grad for p in second_order if p.grad is not None}  # this process's, graph included
-        if ddp is not None:
-            local = {p: g if g.requires_grad else g.clone() for p, g in local.items()}
-            for p in params:
-                if p.grad is not None and p.grad.requires_grad:
-                    p.grad = p.grad.detach().clone()
-            distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
-
-        def hvp_for(refresh: list[Tensor]) -> HVP:
-            if self.engine == "autograd":
-                if not any(local[p].requires_grad for p in refresh):
-                    raise RuntimeError(_MISSING_GRAPH)
-                return AutogradHVP([local[p] for p in refresh], refresh)
-            return FiniteDifferenceHVP(replay, refresh, [local[p] for p in refresh])
-
-        return loss, logits, hvp_for
-
-    def _hvp_from_backward_graph(self, refresh: list[Tensor]) -> HVP:
-        """Usage A: HVPs through the graph that ``backward(create_graph=True)`` left in ``.grad``."""
-        if self.engine != "autograd":
-            raise RuntimeError(_NEEDS_CLOSURE)
-        if not any(p.grad.requires_grad for g in self.param_groups for p in g["params"] if p.grad is not None):
-            raise RuntimeError(_MISSING_GRAPH)
-        return AutogradHVP([p.grad for p in refresh], refresh)
-
-    def _choose_refresh(self, step: int, candidates: list[Tensor]) -> list[Tensor]:
-        if not candidates:
-            return []
-        if self.authors_code:
-            # The authors' round robin: the ((t - 1) mod M + 1)-th 1-D parameter that has a gradient,
-            # M counting every 1-D parameter. The last 1-D parameter takes an SGD step: its HVP,
-            # which their code computes and discards, is skipped here.
-            one_d = self._one_d_params()
-            with_grad = [p for p in one_d if p.grad is not None]
-            k = (step - 1) % len(one_d)
-            chosen = with_grad[k] if k < len(with_grad) else None
-            return [chosen] if chosen is not None and any(chosen is c for c in candidates) else []
-        if self.estimator in ("hutchinson", "gnb"):
-            return candidates
-        # Round robin, derived from the refresh counts: the fewest refreshes, first in order.
-        counts = [self.state[p].get("hessian_refreshes", 0) for p in candidates]
-        return [candidates[counts.index(min(counts))]]
-
     def _one_d_params(self) -> list[Tensor]:
         """Every 1-D parameter in order: the authors' round robin and its period M."""
+        if not self.authors_code:
+            return []
         return [p for g in self.param_groups for p in g["params"] if p.ndim == 1]
-
-    def _probe_generator(self, step: int) -> torch.Generator | None:
-        """Hutchinson's probes at step t on rank r come from a generator seeded with (seed, r, t):
-        replicas draw independent probes (the all-reduce averages them), a resumed run draws the
-        same ones, and no per-rank generator state has to survive a checkpoint (torch's distributed
-        checkpoint keeps one copy of tensors that are not sharded)."""
-        if self.estimator not in ("hutchinson", "gnb"):
-            return None
-        mixed = (self.param_groups[0]["seed"] * 1_000_003 + distributed.rank()) * 1_000_000_007 + step
-        return torch.Generator().manual_seed(mixed % (2**63 - 1))
-
-    def _estimate(
-        self,
-        refresh: list[Tensor],
-        hvp_for: Callable[[list[Tensor]], HVP],
-        logits: Tensor | None,
-        step: int,
-        scale: float,
-    ) -> dict[Tensor, Tensor]:
-        if self._reads_logits and logits is None:
-            raise RuntimeError(_NEEDS_LOGITS)
-        if self._reads_logits or self.estimator == "gnb":
-            scale = 1.0  # computed from logits, not from the (scaled) loss
-        generator = self._probe_generator(step)
-        try:
-            with torch.enable_grad():
-                if self._gnb_fraction is not None:
-                    if self._sub_batch is None:
-                        raise RuntimeError(
-                            "gnb_fraction needs the optimizer built with model=<the module the loss runs>"
-                        )
-                    h = self._sub_batch.estimate(refresh, self._gnb_fraction, generator)
-                elif self.estimator == "gnb":
-                    h = gauss_newton_bartlett(logits, refresh, generator)
-                else:
-                    engine = GGNVectorProduct(logits, refresh) if self.engine == "gauss_newton" else hvp_for(refresh)
-                    h = estimate(self.estimator, engine, refresh, range(len(refresh)), generator)
-        except RuntimeError as error:
-            if "backward through the graph a second time" in str(error):
-                raise RuntimeError(_GRAPH_FREED) from None
-            clear = no_double_backward_error(error)
-            if clear is None:
-                raise
-            raise clear from None
-        h = [x.detach() for x in h]
-        if scale != 1.0:  # the HVP of a scaled loss is scaled
-            torch._foreach_div_(h, scale)
-        distributed.all_reduce_mean_(h)  # every replica gets the same estimate
-        if not _all_finite(h):  # e.g. an fp16 overflow: keep the previous estimate
-            return {}
-        return dict(zip(refresh, h))
 
     # ------------------------------------------------------------------------- updates
 
@@ -736,255 +473,3 @@ class SGDPH(Optimizer):
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
-
-
-# ----------------------------------------------------------------------------- functional API
-
-
-def sgdph(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    hessian_emas: list[Tensor],
-    hessians: list[Tensor | None],
-    bias_corrections: list[float | None],
-    *,
-    foreach: bool | None = None,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    so_lr: float,
-    hessian_momentum: float,
-    eps: float,
-    eps_in_correction: bool = False,
-    rule: str = DEFAULT_RULE,
-) -> None:
-    r"""Functional form of SGD-PH's second-order update (first-order params use torch's ``sgd``).
-
-    For each tensor i, in place::
-
-        buf ← g (no buffer yet, or β = 0: g itself)   else β·buf + g
-        if hessians[i] is given:   D ← α·D + (1 - α)·|h|
-        c = bias_corrections[i]
-        c is None (no curvature yet):  θ ← θ - γ·(buf + λθ)
-        otherwise:                     θ ← θ - γ·(r ⊙ buf + λθ),  D̂ = D / c
-            r = τ / (D̂ + ε)                     rule "paper"
-                τ·c / (D + ε)                   rule "paper", eps_in_correction (the authors' code)
-                1 / (1 + D̂ / ε)                 rule "damped"
-                (1 + ε) / (D̂ / mean(D̂) + ε)     rule "normalized" (mean over the tensor)
-
-    ``momentum_buffers`` entries that are None are created (the list is updated). With
-    ``foreach`` the tensors are grouped by device and dtype and updated with ``torch._foreach_*``
-    kernels; the default follows torch (foreach on CUDA).
-    """
-    if not (
-        len(params)
-        == len(grads)
-        == len(momentum_buffers)
-        == len(hessian_emas)
-        == len(hessians)
-        == len(bias_corrections)
-    ):
-        raise ValueError(
-            "sgdph: params, grads, momentum_buffers, hessian_emas, hessians and bias_corrections "
-            "must have one entry per parameter"
-        )
-    check_choice("rule", rule, RULES)
-    if eps_in_correction and rule != "paper":
-        raise ValueError("eps_in_correction (the authors' code) goes with rule='paper'")
-    if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    update = _multi_tensor_sgdph if foreach else _single_tensor_sgdph
-    update(
-        params,
-        grads,
-        momentum_buffers,
-        hessian_emas,
-        hessians,
-        bias_corrections,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        so_lr=so_lr,
-        hessian_momentum=hessian_momentum,
-        eps=eps,
-        eps_in_correction=eps_in_correction,
-        rule=rule,
-    )
-
-
-def _step_denominators(
-    emas: list[Tensor], corrections: list[float], *, so_lr: float, eps: float, eps_in_correction: bool, rule: str
-) -> tuple[list[Tensor], float]:
-    """``(denominators, numerator)`` with the step relative to SGD's ``r = numerator / denominator``
-    per element, for tensors that have a curvature estimate (new tensors; ``emas`` are not
-    changed). One implementation for both update paths; callers compute ``buf / d * numerator``."""
-    if eps_in_correction:  # the authors' code: (D + ε) / c
-        denoms = torch._foreach_add(emas, eps)
-        torch._foreach_div_(denoms, corrections)
-        return denoms, so_lr
-    curvature = torch._foreach_div(emas, corrections)  # D̂
-    if rule == "paper":
-        torch._foreach_add_(curvature, eps)
-        return curvature, so_lr
-    if rule == "damped":
-        torch._foreach_div_(curvature, eps)
-        torch._foreach_add_(curvature, 1.0)
-        return curvature, 1.0
-    # normalized: a tensor whose curvature is all zero has mean 0 and 0/0 = nan there; it gets r = 1.
-    relative = [torch.nan_to_num_(d / d.mean(), nan=1.0) for d in curvature]
-    torch._foreach_add_(relative, eps)
-    return relative, 1.0 + eps
-
-
-def _single_tensor_sgdph(
-    params,
-    grads,
-    momentum_buffers,
-    hessian_emas,
-    hessians,
-    bias_corrections,
-    *,
-    lr,
-    momentum,
-    weight_decay,
-    so_lr,
-    hessian_momentum,
-    eps,
-    eps_in_correction,
-    rule,
-) -> None:
-    for i, param in enumerate(params):
-        grad = grads[i]
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = torch.clone(grad).detach()
-            else:
-                buf.mul_(momentum).add_(grad)
-        else:
-            buf = grad
-        if hessians[i] is not None:
-            hessian_emas[i].mul_(hessian_momentum).add_(hessians[i].abs(), alpha=1 - hessian_momentum)
-        c = bias_corrections[i]
-        if c is None:
-            direction = buf.add(param, alpha=weight_decay) if weight_decay != 0 else buf
-        else:
-            (denom,), numerator = _step_denominators(
-                [hessian_emas[i]], [c], so_lr=so_lr, eps=eps, eps_in_correction=eps_in_correction, rule=rule
-            )
-            direction = buf.div(denom).mul_(numerator)
-            if weight_decay != 0:
-                direction.add_(param, alpha=weight_decay)
-        param.add_(direction, alpha=-lr)
-
-
-def _multi_tensor_sgdph(
-    params,
-    grads,
-    momentum_buffers,
-    hessian_emas,
-    hessians,
-    bias_corrections,
-    *,
-    lr,
-    momentum,
-    weight_decay,
-    so_lr,
-    hessian_momentum,
-    eps,
-    eps_in_correction,
-    rule,
-) -> None:
-    if not params:
-        return
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, momentum_buffers, hessian_emas, hessians],
-        with_indices=True,  # type: ignore[list-item]
-    )
-    for (dev_params, dev_grads, dev_bufs, dev_emas, dev_hessians), indices in grouped.values():
-        dev_params, dev_grads, dev_emas = (cast(list[Tensor], x) for x in (dev_params, dev_grads, dev_emas))
-        if momentum != 0:
-            old = [i for i, b in enumerate(dev_bufs) if b is not None]
-            if old:
-                old_bufs = [cast(Tensor, dev_bufs[i]) for i in old]
-                torch._foreach_mul_(old_bufs, momentum)
-                torch._foreach_add_(old_bufs, [dev_grads[i] for i in old])
-            for i, b in enumerate(dev_bufs):
-                if b is None:
-                    dev_bufs[i] = momentum_buffers[indices[i]] = torch.clone(dev_grads[i]).detach()
-            steps = cast(list[Tensor], dev_bufs)
-        else:
-            steps = dev_grads
-        fresh = [i for i, h in enumerate(dev_hessians) if h is not None]
-        if fresh:
-            emas = [dev_emas[i] for i in fresh]
-            torch._foreach_mul_(emas, hessian_momentum)
-            torch._foreach_add_(
-                emas, torch._foreach_abs([cast(Tensor, dev_hessians[i]) for i in fresh]), alpha=1 - hessian_momentum
-            )
-        corrections = [bias_corrections[j] for j in indices]
-        pre = [i for i, c in enumerate(corrections) if c is not None]
-        raw = [i for i, c in enumerate(corrections) if c is None]
-        directions: list[Tensor] = [steps[i] for i in range(len(dev_params))]
-        if pre:
-            denoms, numerator = _step_denominators(
-                [dev_emas[i] for i in pre],
-                [cast(float, corrections[i]) for i in pre],
-                so_lr=so_lr,
-                eps=eps,
-                eps_in_correction=eps_in_correction,
-                rule=rule,
-            )
-            pre_dirs = torch._foreach_div([steps[i] for i in pre], denoms)
-            torch._foreach_mul_(pre_dirs, numerator)
-            if weight_decay != 0:
-                torch._foreach_add_(pre_dirs, [dev_params[i] for i in pre], alpha=weight_decay)
-            for i, d in zip(pre, pre_dirs):
-                directions[i] = d
-        if raw and weight_decay != 0:
-            raw_dirs = torch._foreach_add([steps[i] for i in raw], [dev_params[i] for i in raw], alpha=weight_decay)
-            for i, d in zip(raw, raw_dirs):
-                directions[i] = d
-        torch._foreach_add_(dev_params, directions, alpha=-lr)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _loss_and_logits(value: Any) -> tuple[Tensor, Tensor | None]:
-    """A closure or loss function returns the loss, or ``(loss, logits)`` for the estimates that read
-    the logits."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise TypeError(f"the closure / loss_fn returned {len(value)} values; return loss or (loss, logits)")
-        return value[0], value[1]
-    return value, None
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def _is_compiled(model: nn.Module | None) -> bool:
-    if model is None:
-        return False
-    compiled = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
-    return any(isinstance(m, compiled) for m in (model, getattr(model, "module", None)))
-
-
-def _upgrade_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """sgdph-tools 0.1 kept the step count under a string key ``"sgdph"`` in ``state`` (which
-    torch.distributed.checkpoint cannot map to a parameter); now each second-order parameter has a
-    ``step``. Hutchinson's generator state is no longer needed (probes depend on the step)."""
-    old = state_dict.get("state", {}).get("sgdph")
-    if old is None:
-        return state_dict
-    state = {k: v for k, v in state_dict["state"].items() if k != "sgdph"}
-    for group in state_dict["param_groups"]:
-        if group.get("second_order"):
-            for index in group["params"]:
-                state[index] = dict(state.get(index, {}), step=torch.tensor(float(old["step"])))
-    return dict(state_dict, state=state)

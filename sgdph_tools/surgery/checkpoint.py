@@ -17,11 +17,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import __version__
 from ..errors import UserError
 from ..io import atomic_save
 from ..models.factory import ModelSpec, create_model, create_model_for_size
 from ..tagging import tag_parameters
+from ..version import __version__
 from .rewrite import ConversionReport, convert
 
 FORMAT = "sgdph-tools/converted-model"

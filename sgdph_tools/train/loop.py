@@ -89,7 +89,7 @@ def train_step(
                 first.append(logits.detach())
             return loss, logits  # the Gauss-Newton estimates read the logits
 
-        loss = optimizer.step(loss_fn=loss_fn, grad_scaler=s.scaler, max_grad_norm=s.grad_clip)
+        loss = optimizer.step(loss_fn=loss_fn, scaler=s.scaler, max_grad_norm=s.grad_clip)
         if s.scaler is not None:
             s.scaler.update()
         return loss.detach(), first[0]

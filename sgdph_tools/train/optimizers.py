@@ -19,6 +19,7 @@ Second-order baselines report ``is_second_order`` and the trainer runs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
 from ..optim import SGDPH, sgdph_param_groups
-from ..recipe import OptimizerCfg, ScheduleCfg
+from ..recipe import OptimizerCfg, ScheduleCfg, resolve_sgdph_choices
 from ..tagging import CHANNELWISE_KINDS
 
 _TIMM_NAMES = {
@@ -43,6 +44,8 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
     if cfg.eps is not None:
         extra["eps"] = cfg.eps
     if cfg.name == "sgdph":
+        cfg = dataclasses.replace(cfg)
+        resolve_sgdph_choices(cfg)  # a config built directly, as a loaded recipe is
         kinds = cfg.second_order_kinds if cfg.second_order_kinds is not None else CHANNELWISE_KINDS
         # The authors' rule picks its parameters by ndim, from the plain parameter list.
         params = model.parameters() if cfg.authors_code else sgdph_param_groups(model, kinds)
@@ -54,10 +57,10 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             weight_decay=cfg.weight_decay,
             so_lr=cfg.so_lr,
             hessian_momentum=cfg.hessian_momentum,
-            estimator="rowsum" if cfg.authors_code else cfg.estimator,  # the authors' rule is rowsum
+            estimator=cfg.estimator,
             engine=cfg.engine,
             hessian_every=cfg.hessian_every,
-            gnb_fraction=cfg.gnb_fraction if cfg.estimator == "gnb" and not cfg.authors_code else None,
+            gnb_fraction=cfg.gnb_fraction,
             authors_code=cfg.authors_code,
             rule=None if cfg.authors_code else cfg.rule,  # None: SGDPH's own choice, the paper's rule for authors_code
             model=model,

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..errors import UserError
 from ..io import atomic_save
 from ..surgery.checkpoint import TRAIN_FORMAT, TRAIN_VERSION, read_checkpoint
+from ..version import __version__
 
 FORMAT, VERSION = TRAIN_FORMAT, TRAIN_VERSION
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
+import warnings
 
 import pytest
 import torch
@@ -442,10 +444,10 @@ def scaled_run(usage, scaler):
                 opt.step()
             else:
                 scaler.scale(loss).backward(create_graph=True)
-                scaler.step(opt, grad_scaler=scaler)
+                scaler.step(opt)
                 scaler.update()
         else:
-            opt.step(loss_fn=lambda: F.cross_entropy(net(x), y), grad_scaler=scaler)
+            opt.step(loss_fn=lambda: F.cross_entropy(net(x), y), scaler=scaler)
             if scaler is not None:
                 scaler.update()
     return net, opt
@@ -464,13 +466,63 @@ def test_grad_scaler_hessian_is_unscaled(usage):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+def test_a_grad_scaler_loop_uses_torchs_protocol_and_unscales_the_hessian():
+    """scaler.scale(loss).backward(); scaler.step(opt); scaler.update() -- also with scaler.unscale_(opt)
+    first, to clip -- emits no FutureWarning (torch's grad_scale / found_inf protocol, not its
+    deprecated path) and gives the Hessian EMA of the run without a scaler."""
+
+    def run(scaler, unscale_first):
+        torch.manual_seed(0)
+        net = conv_bn_net()
+        opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="hutchinson")
+        for step in range(3):
+            x, y = batch_for(net, seed=step)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), y)
+            if scaler is None:
+                loss.backward(create_graph=True)
+                opt.step()
+                continue
+            scaler.scale(loss).backward(create_graph=True)
+            if unscale_first:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1e3)  # large: clips nothing
+            scaler.step(opt)
+            scaler.update()
+        return opt
+
+    reference = run(None, False)
+    for unscale_first in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            scaled = run(torch.amp.GradScaler("cpu", init_scale=2.0**12), unscale_first)
+        for p, q in zip(reference.param_groups[0]["params"], scaled.param_groups[0]["params"]):
+            D, D_s = reference.state[p]["hessian_ema"], scaled.state[q]["hessian_ema"]
+            assert D.abs().max() > 1e-4
+            torch.testing.assert_close(D_s, D, rtol=1e-4, atol=1e-7)
+        assert not hasattr(scaled, "grad_scale") and not hasattr(scaled, "found_inf")  # torch removed them
+
+
+def test_the_old_grad_scaler_keyword_still_works_with_a_notice():
+    net = conv_bn_net()
+    x, y = batch_for(net)
+    opt = SGDPH(sgdph_param_groups(net))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with pytest.warns(FutureWarning, match=r"step\(scaler=\.\.\.\)"):
+        opt.step(loss_fn=lambda: F.cross_entropy(net(x), y) * float("inf"), grad_scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11  # the scaler saw the inf through the old keyword
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scalar'"):
+        opt.step(loss_fn=lambda: F.cross_entropy(net(x), y), scalar=scaler)
+
+
 def test_grad_scaler_skips_a_step_with_non_finite_gradients():
     net = conv_bn_net()
     x, y = batch_for(net)
     opt = SGDPH(sgdph_param_groups(net))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     before = copy.deepcopy(net.state_dict())
-    opt.step(loss_fn=lambda: F.cross_entropy(net(x), y) * float("inf"), grad_scaler=scaler)
+    opt.step(loss_fn=lambda: F.cross_entropy(net(x), y) * float("inf"), scaler=scaler)
     scaler.update()
     assert scaler.get_scale() == 2.0**11
     params_before = {k: v for k, v in before.items() if "running" not in k and "num_batches" not in k}
@@ -488,3 +540,23 @@ def test_finite_differences_on_a_compiled_model_restore_the_given_buffers():
         x, y = batch_for(net, seed=step)
         opt.step(loss_fn=lambda: F.cross_entropy(compiled(x), y))
     assert net[1].num_batches_tracked.item() == 2  # one real forward per step, not two
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def test_the_models_hook_goes_with_the_optimizer():
+    """SGDPH(model=...) records the model's inputs with a forward pre-hook; the hook holds no reference
+    to the optimizer, and collecting the optimizer (or close()) removes it."""
+    net = conv_bn_net()
+    x, y = batch_for(net)
+    opt = SGDPH(sgdph_param_groups(net), estimator="gnb", gnb_fraction=0.5, model=net)
+    opt.step(loss_fn=lambda: F.cross_entropy(net(x), y))
+    assert len(net._forward_pre_hooks) == 1
+    del opt
+    gc.collect()
+    assert len(net._forward_pre_hooks) == 0
+    opt = SGDPH(sgdph_param_groups(net), estimator="gnb", gnb_fraction=0.5, model=net)
+    opt.close()
+    opt.close()  # idempotent
+    assert len(net._forward_pre_hooks) == 0

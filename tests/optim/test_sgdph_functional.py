@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sgdph_tools.optim.sgdph import sgdph
+from sgdph_tools.optim.functional import sgdph
 
 
 def case(seed: int):

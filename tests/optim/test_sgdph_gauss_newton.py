@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sgdph_tools import SGDPH, sgdph_param_groups
-from sgdph_tools.gauss_newton import gauss_newton_bartlett
+from sgdph_tools.curvature import gauss_newton_bartlett
 from tests.conftest import batch_for, conv_bn_net
-from tests.test_gauss_newton import brute_force_ggn
+from tests.curvature.test_gauss_newton import brute_force_ggn
 
 
 def loss_and_logits(net, x, y):
@@ -63,7 +63,7 @@ def test_gnb_in_the_optimizer_is_the_primitive():
     x, y = batch_for(net, dtype=torch.float64)
     params = sgdph_param_groups(net)[0]["params"]
     opt = SGDPH(sgdph_param_groups(net), lr=0.0, estimator="gnb", seed=3)
-    probes = opt._probe_generator(1)  # what step 1 draws its labels with
+    probes = opt.refresh_schedule.generator(1)  # what step 1 draws its labels with
     expected = gauss_newton_bartlett(net(x), params, probes)
     torch.manual_seed(0)
     opt.step(loss_fn=lambda: loss_and_logits(net, x, y))
@@ -80,7 +80,7 @@ def test_the_estimates_from_logits_are_not_divided_by_the_loss_scale(options):
         opt = SGDPH(sgdph_param_groups(net), lr=0.05, **options)
         for step in range(2):
             x, y = batch_for(net, seed=step)
-            opt.step(loss_fn=lambda: loss_and_logits(net, x, y), grad_scaler=scaler)
+            opt.step(loss_fn=lambda: loss_and_logits(net, x, y), scaler=scaler)
             if scaler is not None:
                 scaler.update()
         runs.append(opt)
@@ -120,7 +120,7 @@ def test_gnb_fraction_is_the_primitive_on_the_leading_rows(fraction, rows):
     params = sgdph_param_groups(net)[0]["params"]
     opt = SGDPH(sgdph_param_groups(net), lr=0.0, estimator="gnb", gnb_fraction=fraction, model=net, seed=3)
     assert not opt.is_second_order  # the step's own backward keeps no graph
-    expected = gauss_newton_bartlett(net(x[:rows]), params, opt._probe_generator(1))
+    expected = gauss_newton_bartlett(net(x[:rows]), params, opt.refresh_schedule.generator(1))
     opt.step(loss_fn=lambda: F.cross_entropy(net(x), y))  # no logits needed
     for p, e in zip(params, expected):
         torch.testing.assert_close(opt.state[p]["hessian_ema"], 0.1 * e, rtol=1e-10, atol=1e-14)

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .hessian import _rng_state
+from .replay import rng_state
 
 
 def _tensors(output: Any) -> list[Tensor] | None:
@@ -104,6 +104,9 @@ class ReuseForTarget:
         self.rng_matched = True
         self.handed_back = 0  # outputs handed back in the latest shortened forward (tests, diagnostics)
 
+    def give_up(self, reason: str) -> None:
+        self.parent.switch_off(reason)
+
     @contextlib.contextmanager
     def recording(self):
         """Around the step's own forward: record every module call and its output until the owning
@@ -117,7 +120,7 @@ class ReuseForTarget:
                 return
             if id(module) in self._owners:
                 reached = True
-                self._rng_at_target = _rng_state(self.parent.cuda)
+                self._rng_at_target = rng_state(self.parent.cuda)
                 return
             call = _Call(id(module))
             self._calls.append(call)
@@ -155,7 +158,7 @@ class ReuseForTarget:
         def owner_reached(module, args):
             if self._rng_at_target is None or self.rng_matched is not True:
                 return
-            now = _rng_state(self.parent.cuda)
+            now = rng_state(self.parent.cuda)
             # a module handed back had drawn random numbers when the states differ: the caller discards
             self.rng_matched = torch.equal(now[0], self._rng_at_target[0]) and all(
                 torch.equal(a, b) for a, b in zip(now[1], self._rng_at_target[1])

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import sgdph_tools  # noqa: F401  (registers the models)
 from sgdph_tools import SGDPH
-from sgdph_tools.activation_reuse import ActivationReuse
-from sgdph_tools.hessian import FiniteDifferenceHVP, ForwardReplay
+from sgdph_tools.curvature import FiniteDifferenceHVP, ForwardReplay
+from sgdph_tools.curvature.activation_reuse import ActivationReuse
 from sgdph_tools.optim import sgdph_param_groups
 
 
@@ -101,7 +101,7 @@ def test_sgdph_trajectory_is_the_same_with_and_without_reuse():
             opt.step(loss_fn=lambda: F.cross_entropy(m(x), y))
         finals.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
         if reuse:
-            assert opt._activation_reuse.enabled and len(opt._activation_reuse.reads_target) == len(
+            assert opt.curvature._activation_reuse.enabled and len(opt.curvature._activation_reuse.reads_target) == len(
                 opt.param_groups[0]["params"]
             )
     assert torch.equal(finals[0], finals[1])

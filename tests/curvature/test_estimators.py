@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from sgdph_tools.hessian import ForwardReplay, finite_difference_step, partial_hessian, rademacher_like
+from sgdph_tools.curvature import ForwardReplay, partial_hessian, rademacher_like
+from sgdph_tools.curvature.products import finite_difference_step
 from tests.conftest import batch_for, conv_bn_net, ln_mlp
 
 NETS = {"conv_bn": conv_bn_net, "ln_mlp": ln_mlp}

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sgdph_tools.gauss_newton import GGNVectorProduct, gauss_newton_bartlett, ggn_vector_product
-from sgdph_tools.hessian import estimate
+from sgdph_tools.curvature import GGNVectorProduct, estimate, gauss_newton_bartlett, ggn_vector_product
 from tests.conftest import batch_for, conv_bn_net, ln_mlp
 
 

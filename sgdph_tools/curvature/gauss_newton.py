@@ -1,0 +1,238 @@
+"""Gauss-Newton curvature for softmax cross-entropy, restricted to chosen parameters.
+
+For a mean softmax cross-entropy over a batch of B examples with logits ``f(θ)`` (shape ``[B, C]``)
+the generalised Gauss-Newton (GGN) matrix is ``G = (1/B) Σᵢ Jᵢᵀ (diag pᵢ − pᵢpᵢᵀ) Jᵢ``, ``Jᵢ`` the
+Jacobian of example i's logits and ``pᵢ`` its softmax. For this loss it equals the Fisher; it is
+positive semi-definite and contains no second derivative of the network, so ReLU kinks do not enter.
+In train mode BatchNorm couples the examples: ``Jᵢ`` is then the Jacobian of row i of the whole
+batch's logits, and everything below still holds.
+
+- :func:`gauss_newton_bartlett` (Sophia's GNB estimator, Liu et al. 2023): labels ŷ drawn from the
+  model's own softmax, ĝ the gradient of the mean loss on ŷ; ``B·ĝ⊙ĝ`` is an unbiased estimate of
+  ``diag(G)``: one extra backward, no second forward, no double backward.
+- :class:`SubBatchGNB`: the same estimate from its own forward on the first fraction of the step's
+  batch (Sophia estimates from a smaller batch too), taken from the model's recorded inputs: the
+  step's backward then keeps no graph, and the extra work shrinks with the fraction.
+- :func:`ggn_vector_product` / :class:`GGNVectorProduct`: the exact ``G v`` (the block-diagonal
+  Hessian-free recipe): ``J v`` by the double-vjp trick (``Jᵀu`` is linear in a dummy ``u``; its vjp
+  with ``v`` is ``J v``), the loss Hessian in closed form, then ``Jᵀ(·)`` by a vjp. It takes the
+  logits *with their graph* rather than a function that recomputes them: that is exact, and cheaper
+  (no extra forward; nothing to restore in BatchNorm or dropout), and the graph is kept for the
+  caller. ``torch.func.jvp`` would need no dummy but rejects BatchNorm's in-place running-stat updates.
+  :class:`GGNVectorProduct` has the HVP engines' interface, so the ``rowsum`` (``G_kk·1``) and
+  ``hutchinson`` (``z ⊙ Gz``) estimators of :mod:`.estimators` run on ``G`` unchanged.
+
+Supported: integer class labels, mean reduction, no label smoothing, no class weights. The GGN of a
+label-smoothed or class-weighted loss is the same matrix up to per-example weights; these estimates
+do not take such weights, and the estimators have no labels to check: the optimizer's recipes
+reject ``label_smoothing`` with them where the project sets it (nothing does yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import checks
+from .replay import gradients_only_for, module_buffers_restored, rng_preserved
+
+__all__ = ["gauss_newton_bartlett", "ggn_vector_product", "GGNVectorProduct", "SubBatchGNB"]
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a [batch, classes] tensor, got {shape}")
+    if not logits.requires_grad:
+        raise ValueError("logits must carry the graph to the parameters (computed with gradients enabled)")
+
+
+def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
+    return checks.tensor_list("params", params, requires_grad=True)
+
+
+def gauss_newton_bartlett(
+    logits: Tensor, params: Sequence[Tensor], generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """``B·ĝ⊙ĝ`` per parameter, ĝ the gradient of the mean cross-entropy of ``logits`` against labels
+    sampled from ``softmax(logits)``: an unbiased estimate of the GGN diagonal. The graph of
+    ``logits`` is kept for the caller. ``generator``'s device is where the labels are drawn.
+
+    Non-finite logits (a diverged model) give NaN estimates, as every other estimator's would, rather
+    than an exception from the label sampler: the optimizer keeps its previous estimate, and the
+    caller's loss -- non-finite too -- tells it the run diverged."""
+    _check_logits(logits)
+    params = _check_params(params)
+    checks.generator("generator", generator)
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    if not bool(torch.isfinite(probs).all()):
+        return [torch.full_like(p, float("nan")) for p in params]
+    device = generator.device if generator is not None else probs.device
+    labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
+    loss = F.cross_entropy(logits, labels)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    batch = logits.shape[0]
+    return [torch.zeros_like(p) if g is None else g.detach().square().mul_(batch) for g, p in zip(grads, params)]
+
+
+class GGNVectorProduct:
+    """Exact GGN-vector products ``G v`` restricted to ``params``, with the HVP engines' interface:
+    ``engine(vectors, wanted)`` with ``vectors`` a dict {index into params: tensor} (zero elsewhere),
+    returning ``(G v)`` for ``params[j] for j in wanted``. The logits' graph is kept."""
+
+    def __init__(self, logits: Tensor, params: Sequence[Tensor]):
+        _check_logits(logits)
+        self.logits, self.params = logits, _check_params(params)
+        self.probs = torch.softmax(logits.detach(), dim=1)
+        # Jᵀu for a dummy u, kept as a function of u: its vjp with v is J v.
+        self._u = torch.zeros_like(logits, requires_grad=True)
+        self._jt_u = torch.autograd.grad(
+            logits, self.params, self._u, create_graph=True, retain_graph=True, allow_unused=True
+        )
+
+    def __call__(self, vectors: dict[int, Tensor], wanted: Sequence[int]) -> list[Tensor]:
+        pairs = [(self._jt_u[i], v) for i, v in vectors.items() if self._jt_u[i] is not None]
+        inputs = [self.params[j] for j in wanted]
+        if not pairs:  # the logits do not depend on these parameters
+            return [torch.zeros_like(p) for p in inputs]
+        outputs, grad_outputs = zip(*pairs)
+        (jv,) = torch.autograd.grad(outputs, self._u, grad_outputs, retain_graph=True)
+        p = self.probs
+        h_jv = (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / self.logits.shape[0]  # loss Hessian · Jv
+        out = torch.autograd.grad(self.logits, inputs, h_jv, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(out, inputs)]
+
+
+def ggn_vector_product(logits: Tensor, params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor]:
+    """``G v`` restricted to ``params``: one vector per parameter, same shapes; exact, no second
+    derivative of the network. ``logits`` (``[B, C]``) carries the graph to ``params``, kept."""
+    params = _check_params(params)
+    vectors = checks.tensor_list("vectors", vectors)
+    checks.same_shapes("vectors", vectors, "params", params)
+    engine = GGNVectorProduct(logits, params)
+    return engine(dict(enumerate(vectors)), range(len(params)))
+
+
+class SubBatchGNB:
+    """Gauss-Newton-Bartlett from the model's own forward on a leading fraction of the batch.
+
+    A forward pre-hook on ``model`` records the inputs of its latest forward in train mode while
+    ``enabled`` is true (references, no copy); :meth:`remove` takes the hook off. The hook holds this
+    object and the model only, so whoever owns it (the optimizer) can be collected while the model
+    lives. :meth:`estimate` slices every input tensor whose first dimension is the batch to its first
+    ``b = max(2, round(fraction·B))`` rows, runs the model on them with only ``params`` requiring
+    gradients (the backward computes no weight gradient), and returns ``b·ĝ⊙ĝ``: unbiased for the GGN
+    diagonal of those b examples. What the training run sees is untouched: BatchNorm buffers are put
+    back, the global RNG (dropout) is restored, the recorded autocast is re-entered, and under
+    ``DistributedDataParallel`` or ``torch.compile`` the
+    wrapped module runs (no reducer, no recompilation for the smaller batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, buffers: Sequence[Tensor] = (), enabled: bool = True):
+        self.buffers, self.enabled = list(buffers), enabled
+        self.module = _unwrapped(model)
+        self._inputs: tuple[tuple, dict, tuple[str, bool, torch.dtype] | None] | None = None
+        self._running = False
+        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and not self._running and self.enabled:
+            self._inputs = (args, kwargs, _autocast_state(args, kwargs))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def estimate(
+        self, params: Sequence[Tensor], fraction: float, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
+        params = _check_params(params)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"invalid gnb_fraction: {fraction} (must be in (0, 1])")
+        if self._inputs is None:
+            raise RuntimeError(
+                "gnb_fraction: the model has not run a forward in train mode since it was given to "
+                "the optimizer; the sub-batch is taken from that forward's inputs"
+            )
+        args, kwargs, autocast = self._inputs
+        batch = _batch_size(args, kwargs)
+        rows = min(batch, max(2, round(fraction * batch)))
+        args, kwargs = _leading_rows((args, kwargs), batch, rows)
+        autocast_ctx = (
+            torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
+            if autocast is not None
+            else contextlib.nullcontext()
+        )
+        self._running = True  # the forward below is ours: not recorded
+        try:
+            with (
+                gradients_only_for(self.module.parameters(), params),
+                rng_preserved({p.device for p in params}),
+                module_buffers_restored(self.buffers),
+                torch.enable_grad(),
+            ):
+                with autocast_ctx:
+                    logits = self.module(*args, **kwargs)
+                if not isinstance(logits, Tensor) or logits.ndim != 2:
+                    raise ValueError(
+                        "gnb_fraction needs a model whose forward returns [batch, classes] logits; "
+                        "leave gnb_fraction unset and return (loss, logits) from loss_fn instead"
+                    )
+                return gauss_newton_bartlett(logits, params, generator)
+        finally:
+            self._running = False
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to run the sub-batch through: past DDP's reducer and torch.compile's wrapper."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _tensors(inputs: Any) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)):
+        return [t for x in inputs for t in _tensors(x)]
+    if isinstance(inputs, dict):
+        return [t for x in inputs.values() for t in _tensors(x)]
+    return []
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    batched = [t for t in _tensors((args, kwargs)) if t.ndim >= 1]
+    if not batched:
+        raise ValueError("gnb_fraction: the model's forward took no tensor input to take a sub-batch from")
+    return batched[0].shape[0]
+
+
+def _leading_rows(inputs: Any, batch: int, rows: int) -> Any:
+    """Every tensor whose first dimension is the batch, cut to its first ``rows`` rows."""
+    if isinstance(inputs, Tensor):
+        return inputs[:rows] if inputs.ndim >= 1 and inputs.shape[0] == batch else inputs
+    if isinstance(inputs, tuple):
+        return tuple(_leading_rows(x, batch, rows) for x in inputs)
+    if isinstance(inputs, list):
+        return [_leading_rows(x, batch, rows) for x in inputs]
+    if isinstance(inputs, dict):
+        return {k: _leading_rows(v, batch, rows) for k, v in inputs.items()}
+    return inputs
+
+
+def _autocast_state(args: tuple, kwargs: dict) -> tuple[str, bool, torch.dtype] | None:
+    tensors = _tensors((args, kwargs))
+    if not tensors:
+        return None
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda"):
+        return None
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)

@@ -1,0 +1,76 @@
+"""Building what a recipe names: the process group, the model (by name, for the data's classes and
+channels, converted when asked), and the checks ``--dry-run`` adds to the recipe's validation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..data.datasets import describe_data
+from ..errors import UserError
+from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
+from ..recipe import Recipe
+from ..surgery.rewrite import convert, example_input_for
+from .optimizers import build_optimizer
+
+
+def init_distributed() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, created) from torchrun's environment; initialises the process
+    group (NCCL on GPUs, gloo on CPUs) when there is more than one process and none exists yet."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+        return rank, world, local_rank, True
+    return rank, world, local_rank, False
+
+
+def model_spec(recipe: Recipe, num_classes: int, in_chans: int) -> ModelSpec:
+    """The recipe's model for the data's classes and channels. timm models take the data's channels
+    (a model's own default may differ: small_cnn's is 1); torchvision's constructors have no
+    in_chans and are 3-channel."""
+    kwargs = {"num_classes": num_classes, **recipe.model.kwargs}
+    if not recipe.model.name.startswith(TORCHVISION_PREFIXES) or in_chans != 3:
+        kwargs = {"in_chans": in_chans, **kwargs}
+    return ModelSpec.parse(recipe.model.name, **kwargs)
+
+
+def convert_for_recipe(model: nn.Module, recipe: Recipe, img_size: int):
+    conv = recipe.model.conversion
+    example = example_input_for(model, img_size)
+    return convert(
+        model,
+        wn=conv.wn,
+        strip_norm=conv.strip_norm,
+        exclude=conv.exclude,
+        example_input=example,
+        add_bias=conv.add_bias,
+    )
+
+
+def check_buildable(recipe: Recipe) -> None:
+    """What ``--dry-run`` adds to the recipe's own validation: the data's folders, the model's name and
+    constructor arguments, the conversion and the optimizer, built as training builds them but
+    without data or weights -- on the meta device, or on the CPU when the recipe converts the model
+    (conversion traces it with real tensors). Raises the same one-line errors training would."""
+    num_classes, in_chans, img_size = describe_data(recipe.data)
+    spec = model_spec(recipe, num_classes, in_chans)
+    conv = recipe.model.conversion
+    converts = conv.wn or conv.strip_norm
+    with torch.device("cpu" if converts else "meta"):
+        try:
+            model = create_model_for_size(spec, img_size)
+        except (ValueError, RuntimeError, AssertionError) as exc:  # a value the architecture rejects
+            raise UserError(f"cannot build '{spec.display_name}' with {recipe.model.kwargs}: {exc}") from exc
+    if converts:
+        model, _ = convert_for_recipe(model, recipe, img_size)
+    try:
+        build_optimizer(recipe.optimizer, model)
+    except (ValueError, TypeError) as exc:  # e.g. an optimizer.kwargs entry the optimizer does not take
+        raise UserError(f"optimizer '{recipe.optimizer.name}': {exc}") from exc
