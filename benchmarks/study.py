@@ -82,6 +82,20 @@ CONTENDERS = {
         "optimizer.eps=0.3,1",
     ),
     "ph-hutchinson-paper": ("sgdph", ["optimizer.estimator=hutchinson"], "optimizer.so_lr=0.001,0.01"),
+    # the default mode (GNB-normalized, a quarter of the batch) refreshed every k steps, not every step
+    **{
+        f"ph-gnb-normalized-k{k}": (
+            "sgdph",
+            [
+                "optimizer.rule=normalized",
+                "optimizer.estimator=gnb",
+                "optimizer.gnb_fraction=0.25",
+                f"optimizer.hessian_every={k}",
+            ],
+            "optimizer.eps=0.3,1",
+        )
+        for k in (2, 5, 10)
+    },
 }
 
 

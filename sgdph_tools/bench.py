@@ -253,3 +253,76 @@ def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list
         record["time_ratio_rounds"] = [m["time_ratio"] for m in measured]  # the spread: how far to trust the median
         records.append(record)
     return records
+
+
+# ----------------------------------------------------------------------------- host time of the step alone
+
+
+def _tiny_param_groups(model_name: str) -> list[dict]:
+    """The model's param groups as ``sgdph_param_groups`` makes them, with every parameter replaced by
+    a tiny tensor of the same number of dimensions (each at most 2 long) holding a gradient: a step on
+    them times Python and dispatch, not arithmetic."""
+    import timm
+
+    import sgdph_tools  # noqa: F401  (registers the project's models)
+
+    from .optim import sgdph_param_groups
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, num_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for group in sgdph_param_groups(model):
+        params = []
+        for p in group["params"]:
+            tiny = torch.nn.Parameter(torch.randn(*[min(s, 2) for s in p.shape], generator=generator))
+            tiny.grad = torch.randn(tiny.shape, generator=generator)
+            params.append(tiny)
+        groups.append(dict(group, params=params))
+    return groups
+
+
+def host_overhead(model_name: str, steps: int = 300) -> list[dict]:
+    """Median host time of ``optimizer.step()`` alone, on one thread, for SGD(foreach) -- the
+    baseline --, AdamW(foreach), and SGD-PH (defaults; and per tensor, ``foreach=False``) on a step
+    that refreshes nothing, every tensor with curvature (the steady state between refreshes)."""
+    from .optim import SGDPH
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        groups = _tiny_param_groups(model_name)
+        flat = [p for g in groups for p in g["params"]]
+        second_order = sum(len(g["params"]) for g in groups if g["second_order"])
+
+        def steady_sgdph(**kwargs) -> SGDPH:
+            opt = SGDPH(groups, lr=1e-3, weight_decay=5e-4, hessian_every=10**9, **kwargs)
+            for group in opt.param_groups:  # past the first (refreshing) step, every tensor with curvature
+                for p in group["params"] if group["second_order"] else ():
+                    opt.state[p]["step"].fill_(1.0)
+                    opt.state[p]["hessian_refreshes"] = 1
+                    opt.state[p]["hessian_ema"].uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(1))
+            return opt
+
+        contenders = {
+            "sgd (foreach)": lambda: torch.optim.SGD(flat, lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=True),
+            "adamw (foreach)": lambda: torch.optim.AdamW(flat, lr=1e-3, foreach=True),
+            "sgdph, between refreshes": lambda: steady_sgdph(),
+            "sgdph, between refreshes, per tensor": lambda: steady_sgdph(foreach=False),
+        }
+        records = []
+        for label, build in contenders.items():
+            opt = build()
+            for _ in range(20):
+                opt.step()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - start)
+            records.append({"optimizer": label, "step_us": 1e6 * statistics.median(times)})
+        for r in records:
+            r.update(ratio=r["step_us"] / records[0]["step_us"], tensors=len(flat), second_order=second_order)
+        return records
+    finally:
+        torch.set_num_threads(threads)

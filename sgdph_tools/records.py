@@ -24,7 +24,16 @@ from .io import atomic_write_text
 from .version import __version__
 
 #: The current version of each kind's records; bump a kind's when its records change incompatibly.
-VERSIONS = {"metrics": 1, "report": 1, "selection": 1, "bench": 1, "hessian": 1, "inspect": 1, "sweep": 1}
+VERSIONS = {
+    "metrics": 1,
+    "report": 1,
+    "selection": 1,
+    "bench": 1,
+    "bench-host": 1,
+    "hessian": 1,
+    "inspect": 1,
+    "sweep": 1,
+}
 
 
 def _format(kind: str) -> str:

@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
-from ..bench import Mode, Settings, all_modes, run, timing_window
+from ..bench import Mode, Settings, all_modes, host_overhead, run, timing_window
 from ..errors import UserError
 from ..records import write_json
 from ._output import console
@@ -41,6 +41,12 @@ def bench_command(
         "(repeatable, e.g. --only 'sgdph gnb*' --only adahessian); SGDM always runs.",
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the records to this JSON file."),
+    host: bool = typer.Option(
+        False,
+        "--host",
+        help="Instead: the host time of optimizer.step() alone (tiny tensors in place of the model's "
+        "parameters, one thread) for SGD-PH between refreshes, against SGD and AdamW with foreach.",
+    ),
 ) -> None:
     """SGDM, AdamW, timm's Adahessian and SGD-PH in every mode (estimator × engine × hessian_every 1, 10)."""
     import timm
@@ -63,6 +69,9 @@ def bench_command(
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if host:
+        _host_overhead(model, json_out)
+        return
     modes = all_modes()
     if only:
         modes = [m for m in modes if m.optimizer == "sgdm" or any(fnmatch.fnmatch(m.label, p) for p in only)]
@@ -108,4 +117,19 @@ def bench_command(
     console.print(table)
     if json_out is not None:
         write_json(json_out, "bench", records, settings=asdict(settings), rounds=rounds, torch=torch.__version__)
+        console.print(f"wrote {json_out}")
+
+
+def _host_overhead(model: str, json_out: Path | None) -> None:
+    console.print(f"{model}: host time of optimizer.step() alone, one thread, torch {torch.__version__}")
+    records = host_overhead(model)
+    table = Table(title="median of 300 steps, ratio to SGD (foreach) in this run", title_justify="left")
+    for column in ("optimizer", "step µs", "time / SGD"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(r["optimizer"], f"{r['step_us']:.0f}", f"{r['ratio']:.2f}")
+    console.print(table)
+    console.print(f"{records[0]['tensors']} tensors, {records[0]['second_order']} of them second-order")
+    if json_out is not None:
+        write_json(json_out, "bench-host", records, model=model, torch=torch.__version__)
         console.print(f"wrote {json_out}")

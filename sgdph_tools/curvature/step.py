@@ -165,7 +165,8 @@ class StepCurvature:
     ) -> StepGradients:
         """Run the usage's forward and backward (none for usage A), average and unscale the gradients.
         ``params``: every parameter of the optimizer; ``second_order``: those that get estimates."""
-        devices = {p.device for p in params}
+        if loss_fn is not None or closure is not None:
+            devices = {p.device for p in params}
         if loss_fn is not None:
             grads = self._from_loss_fn(loss_fn, params, devices, refreshing, amp, cut)
         elif closure is not None:

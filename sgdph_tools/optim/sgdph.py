@@ -13,14 +13,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.sgd import sgd as sgd_functional
 
 from ..curvature import ENGINES, ESTIMATORS, AmpScale, Needs, StepCurvature, check_choice
 from ..curvature.capabilities import STOCHASTIC
-from .functional import DEFAULT_EPS, DEFAULT_RULE, RULES, sgdph
+from .flat import FlatSecondOrder
+from .functional import DEFAULT_EPS, DEFAULT_RULE, RULES, sgdph  # noqa: F401  (sgdph: the old import path)
 from .param_groups import second_order_groups
 from .refresh import RefreshSchedule, start_round_robin
 from .settings import OPTIMIZER_WIDE, check_settings, renamed_scaler, upgrade_state_dict
+from .update import second_order_state, update_group
 
 __all__ = ["SGDPH", "sgdph", "OPTIMIZER_WIDE"]
 
@@ -199,6 +200,8 @@ class SGDPH(Optimizer):
             if estimator != "gnb":
                 raise ValueError(f"gnb_fraction applies to estimator='gnb' only (got estimator={estimator!r})")
         self.model = model
+        self._flat: dict[int, FlatSecondOrder | None] | None = None  # per second-order group (flat.py)
+        self._step_count: int | None = None  # mirror of the largest per-parameter "step" (host time)
         #: gradients and estimates (sgdph_tools.curvature); holds the model's hook, not the optimizer
         self.curvature = StepCurvature(model)
         self.curvature.configure(estimator, engine, gnb_fraction)
@@ -294,6 +297,7 @@ class SGDPH(Optimizer):
         for group in groups:
             super().add_param_group(group)
             self._init_state(group)
+        self._flat = self._step_count = None
 
     def _init_state(self, group: dict[str, Any]) -> None:
         """Create the state eagerly, as a step would: torch.distributed.checkpoint builds its load
@@ -304,7 +308,7 @@ class SGDPH(Optimizer):
             if group["momentum"] != 0 and p.requires_grad and "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["second_order"]:
-                self._second_order_state(p)
+                second_order_state(self.state, p)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, plus: the checkpoint's optimizer-wide settings replace the constructor's (with a
@@ -326,24 +330,19 @@ class SGDPH(Optimizer):
                 stacklevel=2,
             )
         self.defaults.update(loaded)
+        self._flat = self._step_count = None  # rebuilt from the loaded state
         self.curvature.configure(loaded["estimator"], loaded["engine"], loaded["gnb_fraction"])
-
-    def _second_order_state(self, p: Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)  # as torch's Adam: a CPU scalar tensor per parameter
-        if "hessian_ema" not in state:
-            state["hessian_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["hessian_refreshes"] = 0
-        return state
 
     def _second_order_params(self) -> list[Tensor]:
         return [p for g in self.param_groups if g["second_order"] for p in g["params"]]
 
     def _steps_taken(self) -> int:
-        """The optimizer's step count: the largest per-parameter count of the second-order params."""
-        steps = [self.state[p]["step"] for p in self._second_order_params() if "step" in self.state.get(p, {})]
-        return int(max(float(s) for s in steps)) if steps else 0
+        """The optimizer's step count: the largest per-parameter count of the second-order params (read
+        from the state once, then kept as a Python int: a float() of each counter costs host time)."""
+        if self._step_count is None:
+            steps = [self.state[p]["step"] for p in self._second_order_params() if "step" in self.state.get(p, {})]
+            self._step_count = int(max(float(s) for s in steps)) if steps else 0
+        return self._step_count
 
     # ------------------------------------------------------------------------- step
 
@@ -397,9 +396,10 @@ class SGDPH(Optimizer):
                 generator = schedule.generator(step) if self.estimator in STOCHASTIC else None
                 hessians = self.curvature.estimate(grads, refresh, generator)
         with torch.no_grad():
-            for group in self.param_groups:
-                self._update_group(group, hessians, step)
-        if loss_fn is None:  # loss_fn's gradients are detached already; a caller's backward may hold a graph
+            updated = [self._update_group(group, hessians, step) for group in self.param_groups]
+        if any(updated):
+            self._step_count = step
+        if loss_fn is None and self.needs.keeps_graph:  # a caller's backward may hold a graph in .grad
             self._free_graph()
         return grads.loss
 
@@ -419,57 +419,9 @@ class SGDPH(Optimizer):
 
     # ------------------------------------------------------------------------- updates
 
-    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad.detach() for p in params]
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        if not group["second_order"]:
-            sgd_functional(
-                params,
-                grads,
-                bufs,
-                foreach=group["foreach"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=0.0,
-                nesterov=False,
-                maximize=False,
-            )
-        else:
-            states = [self._second_order_state(p) for p in params]
-            fresh = [hessians.get(p) for p in params]
-            # one multi-tensor add for the step counters (CPU scalars, as torch's Adam): a Python
-            # `+= 1` per tensor costs host time that shows on a GPU
-            torch._foreach_add_([s["step"] for s in states], 1.0)
-            for state, h in zip(states, fresh):
-                state["hessian_refreshes"] += h is not None
-            if group["authors_code"]:
-                c = 1 - group["momentum"] ** (step // len(self._one_d_params()) + 1)
-                corrections: list[float | None] = [c] * len(params)
-                alpha = group["momentum"]
-            else:
-                alpha = group["hessian_momentum"]
-                corrections = [1 - alpha ** s["hessian_refreshes"] if s["hessian_refreshes"] else None for s in states]
-            sgdph(
-                params,
-                grads,
-                bufs,
-                [s["hessian_ema"] for s in states],
-                fresh,
-                corrections,
-                foreach=group["foreach"],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                so_lr=group["so_lr"],
-                hessian_momentum=alpha,
-                eps=group["eps"],
-                eps_in_correction=group["authors_code"],
-                rule=group.get("rule", "paper"),
-            )
-        if group["momentum"] != 0:
-            for p, buf in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = buf
+    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int) -> bool:
+        """Update one group (:mod:`.update`); True when it has second-order tensors that were updated."""
+        if self._flat is None:
+            self._flat = {}
+        one_d = len(self._one_d_params()) if group["authors_code"] else 0
+        return update_group(self.state, group, hessians, step, one_d, self._flat)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sgdph_tools.records import read_json
-from tests.cli.helpers import sgdph, user_error
+from tests.cli.helpers import invoke, sgdph, user_error
 
 FIELDS = {
     "optimizer",
@@ -76,3 +76,19 @@ def test_bench_rejects_bad_input_in_one_line():
     message = user_error("bench", "--model", "resnet18_cifarr")
     assert "unknown model 'resnet18_cifarr'" in message and "resnet18_cifar" in message
     assert "--steps must be at least 1" in user_error("bench", "--steps", "0", "--model", "small_cnn")
+
+
+def test_bench_host_times_the_step_alone_against_sgd(tmp_path):
+    out = tmp_path / "host.json"
+    result = invoke("bench", "--host", "--model", "small_cnn", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    records = read_json(out, "bench-host")["records"]
+    assert [r["optimizer"] for r in records] == [
+        "sgd (foreach)",
+        "adamw (foreach)",
+        "sgdph, between refreshes",
+        "sgdph, between refreshes, per tensor",
+    ]
+    assert records[0]["ratio"] == 1.0 and all(r["step_us"] > 0 for r in records)
+    assert 0 < records[0]["second_order"] < records[0]["tensors"]
+    assert "time / SGD" in result.output

@@ -1,0 +1,130 @@
+"""One param group's update: first-order tensors by torch's ``sgd``; second-order tensors by the
+flat path between refreshes (:mod:`.flat`) or by the functional :func:`~.functional.sgdph`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.sgd import sgd as sgd_functional
+
+from .flat import FlatSecondOrder
+from .functional import sgdph
+
+
+def update_group(
+    state: dict[Tensor, dict[str, Any]],
+    group: dict[str, Any],
+    hessians: dict[Tensor, Tensor],
+    step: int,
+    one_d: int,
+    flats: dict[int, FlatSecondOrder | None],
+) -> bool:
+    """Update one param group in place; True when it has second-order tensors that were updated.
+    ``one_d``: the number of 1-D parameters (the authors' round-robin period); ``flats``: the
+    optimizer's flat state per group, filled here on first use."""
+    foreach = True if group["foreach"] is None else group["foreach"]  # on CPU too (fewer Python calls)
+    if group["second_order"] and not hessians and foreach:
+        flat = flat_for(state, group, flats)
+        if flat is not None and flat.step(
+            group,
+            state,
+            lambda: corrections(state, group, flat.params, step, one_d),
+            correction_key(group, step, one_d),
+        ):
+            return True
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return False
+    grads = [p.grad for p in params]  # under no_grad: a gradient's graph (create_graph) is not extended
+    bufs = [state[p].get("momentum_buffer") for p in params]
+    missing = group["momentum"] != 0 and any(b is None for b in bufs)
+    if not group["second_order"]:
+        sgd_functional(
+            params,
+            grads,
+            bufs,
+            foreach=foreach,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+        )
+    else:
+        states = [second_order_state(state, p) for p in params]
+        # one multi-tensor add for the step counters (CPU scalars, as torch's Adam)
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        fresh = [hessians.get(p) for p in params] if hessians else [None] * len(params)
+        for entry, h in zip(states, fresh):
+            entry["hessian_refreshes"] += h is not None
+        alpha = group["momentum"] if group["authors_code"] else group["hessian_momentum"]
+        sgdph(
+            params,
+            grads,
+            bufs,
+            [s["hessian_ema"] for s in states],
+            fresh,
+            corrections(state, group, params, step, one_d),
+            foreach=foreach,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            so_lr=group["so_lr"],
+            hessian_momentum=alpha,
+            eps=group["eps"],
+            eps_in_correction=group["authors_code"],
+            rule=group.get("rule", "paper"),
+        )
+        flat = flats.get(id(group))
+        if flat is not None:
+            flat.invalidate()  # the curvature or the corrections may have changed
+    if missing:
+        for p, buf in zip(params, bufs):
+            state[p]["momentum_buffer"] = buf
+    return group["second_order"]
+
+
+def corrections(
+    state: dict[Tensor, dict[str, Any]], group: dict[str, Any], params: list[Tensor], step: int, one_d: int
+) -> list[float | None]:
+    """Each tensor's bias correction of its curvature EMA (None: no curvature yet)."""
+    if group["authors_code"]:
+        return [authors_correction(group, step, one_d)] * len(params)
+    alpha = group["hessian_momentum"]
+    counts = [state[p]["hessian_refreshes"] for p in params]
+    return [1 - alpha**n if n else None for n in counts]
+
+
+def authors_correction(group: dict[str, Any], step: int, one_d: int) -> float:
+    """The authors' approximate bias correction, ``1 - β^(⌊t/M⌋+1)``, M the number of 1-D parameters."""
+    return 1 - group["momentum"] ** (step // one_d + 1)
+
+
+def correction_key(group: dict[str, Any], step: int, one_d: int) -> float | None:
+    """What the corrections depend on besides the refresh counts (which change only on refreshes)."""
+    return authors_correction(group, step, one_d) if group["authors_code"] else None
+
+
+def flat_for(
+    state: dict[Tensor, dict[str, Any]], group: dict[str, Any], flats: dict[int, FlatSecondOrder | None]
+) -> FlatSecondOrder | None:
+    """The group's flat state (built on first use, after a load or a new group; None: it does not fit)."""
+    if id(group) not in flats:
+        params = [p for p in group["params"] if p.requires_grad]
+        fits = FlatSecondOrder.fits(params, state, group["momentum"])
+        flats[id(group)] = FlatSecondOrder(params, state, group["momentum"]) if fits else None
+    return flats[id(group)]
+
+
+def second_order_state(state: dict[Tensor, dict[str, Any]], p: Tensor) -> dict[str, Any]:
+    """A second-order tensor's state, created where missing (a new group, an old checkpoint)."""
+    entry = state[p]
+    if "step" not in entry:
+        entry["step"] = torch.tensor(0.0)  # as torch's Adam: a CPU scalar tensor per parameter
+    if "hessian_ema" not in entry:
+        entry["hessian_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        entry["hessian_refreshes"] = 0
+    return entry
