@@ -48,12 +48,13 @@ def module_buffers_restored(buffers: Sequence[Tensor] = ()):
     """
     saved: dict[int, tuple[torch.nn.Module, dict[str, Tensor]]] = {}
     explicit = [(b, b.detach().clone()) for b in buffers]
+    covered = {id(b) for b, _ in explicit}  # snapshotted already: the hook does not clone them again
 
     def snapshot(module: torch.nn.Module, args) -> None:
         if id(module) not in saved and module._buffers:
             saved[id(module)] = (
                 module,
-                {k: b.clone() for k, b in module._buffers.items() if b is not None},
+                {k: b.clone() for k, b in module._buffers.items() if b is not None and id(b) not in covered},
             )
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(snapshot)
@@ -61,12 +62,13 @@ def module_buffers_restored(buffers: Sequence[Tensor] = ()):
         yield
     finally:
         handle.remove()
-        with torch.no_grad():
-            for module, module_buffers in saved.values():
-                for key, value in module_buffers.items():
-                    module._buffers[key].copy_(value)
-            for tensor, value in explicit:
-                tensor.copy_(value)
+        targets = [module._buffers[key] for module, values in saved.values() for key in values]
+        values = [value for _, module_values in saved.values() for value in module_values.values()]
+        targets += [tensor for tensor, _ in explicit]
+        values += [value for _, value in explicit]
+        if targets:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, values)  # one multi-tensor copy, not one per buffer
 
 
 def cuda_indices(devices: Iterable[torch.device]) -> list[int]:

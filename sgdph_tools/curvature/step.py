@@ -357,10 +357,15 @@ def loss_and_logits(value: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """One host synchronisation for the whole list; callers use it where the answer decides what runs."""
+    """One host synchronisation for the whole list; callers use it where the answer decides what runs.
+    Per device, one ``cat`` and one check (not a check per tensor: launches count on a GPU)."""
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    devices: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        devices.setdefault(t.device, []).append(t.reshape(-1))
+    checks = [torch.isfinite(torch.cat(flat)).all() for flat in devices.values()]
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
 
 
 def is_compiled(model: nn.Module | None) -> bool:
