@@ -6,9 +6,10 @@ import difflib
 from collections.abc import Iterable
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A bad input (unknown name, unreadable file, invalid recipe...). The CLI prints its message
-    as one line and exits non-zero, without a traceback."""
+    as one line and exits non-zero, without a traceback. A ``ValueError``, so that a Python caller's
+    ``except ValueError`` catches it as the API's documentation promises."""
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:

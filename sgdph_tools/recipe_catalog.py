@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+from .io import atomic_write_text
 
 
 def recipes_root() -> Path:
@@ -100,6 +100,5 @@ def copy_recipe(name: str, dest: Path | None = None, *, force: bool = False) -> 
         target = target / source.name
     if target.exists() and not force:
         raise UserError(f"{target} exists; choose another destination or pass --force to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    atomic_write_text(source.read_text(), target)  # through a link, onto a device; never replacing either
     return target

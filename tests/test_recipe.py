@@ -253,3 +253,14 @@ def test_an_override_that_changes_the_model_drops_the_files_constructor_argument
     assert vit.model.kwargs == {"img_size": 32}
     same = load_recipe(shapes, ["model.name=small_cnn"])  # the same architecture keeps them
     assert same.model.kwargs == {"width": 16, "stages": 4, "stem_stride": 2}
+
+
+def test_a_key_given_twice_and_a_file_that_is_not_utf8_are_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model: {name: small_cnn}\ndata: {name: digits}\noptimizer:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(UserError, match=r"not valid YAML at line 5: the key 'lr' is given twice \(first at line 4\)"):
+        load_recipe(twice)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model: {name: small_cnn}\ndata: {name: digits}\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 0xe9 at position \d+\): save the recipe as UTF-8"):
+        load_recipe(latin)

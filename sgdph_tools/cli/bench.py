@@ -41,6 +41,9 @@ def bench_command(
         "(repeatable, e.g. --only 'sgdph gnb*' --only adahessian); SGDM always runs.",
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the records to this JSON file."),
+    every: str = typer.Option(
+        "1,10", "--every", help="The refresh intervals (hessian_every) to measure every SGD-PH mode at, e.g. 1,2,5,10."
+    ),
     host: bool = typer.Option(
         False,
         "--host",
@@ -72,11 +75,17 @@ def bench_command(
     if host:
         _host_overhead(model, json_out)
         return
-    modes = all_modes()
+    try:
+        intervals = tuple(int(k) for k in every.split(","))
+    except ValueError:
+        raise UserError(f"--every takes refresh intervals as integers, e.g. 1,2,5,10; got {every!r}") from None
+    if any(k < 1 for k in intervals):
+        raise UserError(f"--every: each interval must be at least 1, got {every!r}")
+    modes = all_modes(intervals)
     if only:
         modes = [m for m in modes if m.optimizer == "sgdm" or any(fnmatch.fnmatch(m.label, p) for p in only)]
         if len(modes) == 1:
-            labels = ", ".join(m.label for m in all_modes())
+            labels = ", ".join(m.label for m in all_modes(intervals))
             raise UserError(f"--only {' '.join(only)!r} matches no mode; the modes are: {labels}")
     settings = Settings(
         model=model,

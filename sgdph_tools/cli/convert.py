@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
+from ..io import refuse_overwriting_input
 from ..surgery.checkpoint import load_model, save_converted
 from ..surgery.rewrite import DECOUPLED, EXCLUDED, NORMALISED, convert, example_input_for
 from ._output import console, layer_table, parameter_rows, parameter_totals, summary_line, totals_table
@@ -73,6 +74,8 @@ def convert_command(
             style="yellow",
         )
     out = output or default_output(spec.display_name if arch is None else arch, wn, strip_norm)
+    if Path(model).exists():
+        refuse_overwriting_input(out, model)
     save_converted(out, net, spec, report)
 
     counts = report.counts()

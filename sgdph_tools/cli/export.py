@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
-from ..io import atomic_save
+from ..io import atomic_save, refuse_overwriting_input
 from ..surgery.checkpoint import load_model
 from ..surgery.export import export_plain
 from ._output import console
@@ -22,6 +22,7 @@ def export_command(
 ) -> None:
     """Fold every gamma · V/||V|| layer into a plain conv/linear and write a state_dict that
     the original architecture (timm's or torchvision's) loads; outputs are verified unchanged."""
+    refuse_overwriting_input(output, checkpoint)
     net, spec, conversion = load_model(checkpoint)
     if conversion is None:
         raise UserError(f"{checkpoint} is not a converted checkpoint: there is nothing to bake")

@@ -39,6 +39,9 @@ def report_command(
     json_out: str | None = typer.Option(
         None, "--json", help="Also write the records as JSON to this file ('-': stdout only)."
     ),
+    include_unfinished: bool = typer.Option(
+        False, "--include-unfinished", help="Count runs stopped before their last epoch in the means (marked)."
+    ),
 ) -> None:
     """Test accuracy per run (last epoch; and at the best validation epoch); mean ± std over seeds."""
     if by not in SELECTION:
@@ -47,11 +50,12 @@ def report_command(
     if not loaded:
         raise UserError(f"no finished epoch in {', '.join(map(str, runs))}")
     if best:
-        kind, records, metadata = "selection", best_per_contender(loaded, by), {"by": by}
+        records = best_per_contender(loaded, by, include_unfinished)
+        kind, metadata = "selection", {"by": by, "unfinished_included": include_unfinished}
         if plot is not None:
             plot_against_lr(records, plot)
     else:
-        per_run, per_experiment = summarize(loaded)
+        per_run, per_experiment = summarize(loaded, include_unfinished)
         kind, records, metadata = "report", per_experiment, {"runs": per_run}
         if plot is not None:
             plot_comparison(loaded, plot)
@@ -74,7 +78,7 @@ def _print_selection(rows: list[dict], by: str) -> None:
     table = Table(
         title=f"the grid; * = best mean {by} per contender (test is reported, not selected on)", title_justify="left"
     )
-    for column in ("", "optimizer", *keys, "seeds", "diverged", f"{by} mean", "test top-1 mean ± std"):
+    for column in ("", "optimizer", *keys, "seeds", "diverged", "unfinished", f"{by} mean", "test top-1 mean ± std"):
         table.add_column(column)
     for r in sorted(rows, key=lambda r: (r["optimizer"], json.dumps(r["config"], sort_keys=True, default=str))):
         table.add_row(
@@ -83,6 +87,7 @@ def _print_selection(rows: list[dict], by: str) -> None:
             *(str(r["config"][k]) for k in keys),
             ",".join(map(str, r["seeds"])),
             str(r["diverged"]),
+            str(r["unfinished"]),
             f"{r['val_mean']:.4g}",
             f"{r['test_mean']:.2f} ± {r['test_std']:.2f}",
             style="bold" if r["best"] else None,
@@ -111,7 +116,7 @@ def _print_report(per_run: list[dict], per_experiment: list[dict]) -> None:
             Path(r["run"]).name,
             r["experiment"],
             str(r["seed"]),
-            str(r["epochs"]) + (" (diverged)" if r["diverged"] else ""),
+            str(r["epochs"]) + (" (diverged)" if r["diverged"] else " (unfinished)" if r["unfinished"] else ""),
             _number(r["final_acc1"]),
             _number(r["final_acc5"]),
             _number(r["final_train_loss"], ".4f"),
@@ -119,8 +124,14 @@ def _print_report(per_run: list[dict], per_experiment: list[dict]) -> None:
             _number(r["test_acc1_at_best_val"]),
         )
     console.print(table)
-    table = Table(title="experiments (mean ± std over seeds; diverged runs excluded and counted)", title_justify="left")
-    for column in ("experiment", "processes", "runs", "distinct seeds", "diverged", "final top-1", "top-1 at best val"):
+    included = bool(per_experiment) and per_experiment[0]["unfinished_included"]
+    unfinished = "unfinished runs included (marked)" if included else "unfinished runs excluded and counted"
+    table = Table(
+        title=f"experiments (mean ± std over seeds; diverged runs excluded and counted; {unfinished})",
+        title_justify="left",
+    )
+    columns = ("experiment", "processes", "runs", "distinct seeds", "diverged", "unfinished", "final top-1")
+    for column in (*columns, "top-1 at best val"):
         table.add_column(column)
     for e in per_experiment:
         table.add_row(
@@ -129,6 +140,7 @@ def _print_report(per_run: list[dict], per_experiment: list[dict]) -> None:
             str(e["runs"]),
             str(e["distinct_seeds"]),
             str(e["diverged"]),
+            str(e["unfinished"]),
             _mean_std(e["final_acc1_mean"], e["final_acc1_std"]),
             _mean_std(e["test_acc1_at_best_val_mean"], e["test_acc1_at_best_val_std"]),
         )

@@ -185,40 +185,6 @@ def _imagefolder(cfg: DataCfg) -> tuple[DataBundle, Dataset, Sequence[int]]:
     return DataBundle(train, test, len(train.classes), 3, size), _with_transform(train, test_tf), train.targets
 
 
-def describe_data(cfg: DataCfg) -> tuple[int, int, int]:
-    """``(num_classes, channels, img_size)`` of the data a recipe names, without loading it: what
-    ``--dry-run`` needs to check the model. Folders are checked as training would check them."""
-    if cfg.name == "digits":
-        return DIGITS_CLASSES, 1, cfg.img_size or 8
-    if cfg.name == "shapes":
-        return SHAPES_CLASSES, 3, cfg.img_size or 32
-    if cfg.name == "synthetic":
-        return cfg.num_classes, cfg.channels, cfg.img_size or 32
-    root = Path(cfg.root).expanduser()
-    if cfg.name in ("cifar10", "cifar100"):
-        folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
-        if not folder.is_dir() and not cfg.download:
-            raise UserError(
-                f"{cfg.name} not found under {root} (expected {folder}): put the extracted python version "
-                "there, or set data.download=true on a machine with internet"
-            )
-        return (10 if cfg.name == "cifar10" else 100), 3, cfg.img_size or 32
-    classes = {}
-    for sub in (cfg.train_dir, cfg.val_dir):
-        folder = root / sub
-        if not folder.is_dir():
-            raise UserError(
-                f"imagefolder: {folder} is not a folder; expected {root}/{{{cfg.train_dir},"
-                f"{cfg.val_dir}}}/<class>/<image> (set data.root, data.train_dir, data.val_dir)"
-            )
-        classes[sub] = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if classes[cfg.train_dir] != classes[cfg.val_dir]:
-        raise UserError(f"imagefolder: {root / cfg.train_dir} and {root / cfg.val_dir} have different class folders")
-    if not classes[cfg.train_dir]:
-        raise UserError(f"imagefolder: {root / cfg.train_dir} has no class folders")
-    return len(classes[cfg.train_dir]), 3, cfg.img_size or 224
-
-
 class ShardSampler(Sampler[int]):
     """Every index once across all processes (rank r takes r, r + world, ...), with no padding:
     evaluation sums reduced across processes are then exact."""
@@ -276,6 +242,6 @@ def build_loaders(
             **common,
         )
 
-    if len(train) == 0:
+    if len(train) == 0:  # (--dry-run checks the same: train/build.py check_batch_fits)
         raise UserError(f"trainer.batch_size={batch_size} is larger than the training set ({len(bundle.train)} images)")
     return Loaders(train, evaluation(bundle.val) if bundle.val is not None else None, evaluation(bundle.test), sampler)

@@ -88,11 +88,21 @@ def second_order_groups(params: Iterable[Any], *, authors_code: bool = False) ->
     With ``authors_code=True`` every group must be left to the rule, as the authors' code decides by
     ``ndim`` alone.
     """
+    if isinstance(params, nn.Module):
+        raise TypeError(
+            "params must be the model's parameters, not the model: pass model.parameters() or sgdph_param_groups(model)"
+        )
     groups = list(params)
     if not groups:
         raise ValueError("optimizer got an empty parameter list")
     if not isinstance(groups[0], dict):
         groups = [{"params": groups}]
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise ValueError(
+                f"param group {i} has no 'params': each group is a dict like {{'params': [...], 'lr': 0.1}} "
+                "(or pass a plain list of tensors)"
+            )
     groups = [dict(g, params=[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])) for g in groups]
     if authors_code and any("second_order" in g for g in groups):
         raise ValueError(

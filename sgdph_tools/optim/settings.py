@@ -19,13 +19,18 @@ def check_settings(**values: float) -> None:
     """The constructor's numbers: finite, and in their ranges."""
     for name, value in values.items():
         checks.number(name, value)
-    for name in ("lr", "momentum", "weight_decay", "so_lr"):
-        if not values[name] >= 0.0:
+    for name in ("lr", "weight_decay", "so_lr"):
+        if name in values and not values[name] >= 0.0:
             raise ValueError(f"invalid {name}: {values[name]} (must be >= 0)")
-    if not 0.0 <= values["hessian_momentum"] < 1.0:
-        raise ValueError(f"invalid hessian_momentum: {values['hessian_momentum']} (must be in [0, 1))")
-    if not values["eps"] > 0.0:
+    for name in ("momentum", "hessian_momentum"):  # 1 or more: the buffer never forgets, the step grows
+        if name in values and not 0.0 <= values[name] < 1.0:
+            raise ValueError(f"invalid {name}: {values[name]} (must be in [0, 1))")
+    if "eps" in values and not values["eps"] > 0.0:
         raise ValueError(f"invalid eps: {values['eps']} (must be > 0)")
+
+
+#: The per-group numbers that check_settings checks: a param group's own values get the same checks.
+GROUP_NUMBERS = ("lr", "momentum", "weight_decay", "so_lr", "hessian_momentum", "eps")
 
 
 def renamed_scaler(scaler: torch.amp.GradScaler | None, renamed: dict[str, Any]) -> torch.amp.GradScaler | None:

@@ -20,7 +20,7 @@ from .flat import FlatSecondOrder
 from .functional import DEFAULT_EPS, DEFAULT_RULE, RULES, sgdph  # noqa: F401  (sgdph: the old import path)
 from .param_groups import second_order_groups
 from .refresh import RefreshSchedule, start_round_robin
-from .settings import OPTIMIZER_WIDE, check_settings, renamed_scaler, upgrade_state_dict
+from .settings import GROUP_NUMBERS, OPTIMIZER_WIDE, check_settings, renamed_scaler, upgrade_state_dict
 from .update import second_order_state, update_group
 
 __all__ = ["SGDPH", "sgdph", "OPTIMIZER_WIDE"]
@@ -183,6 +183,10 @@ class SGDPH(Optimizer):
         check_settings(
             lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum, eps=eps
         )
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be True, False or None (torch's default), got {foreach!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         if not (isinstance(hessian_every, int) and hessian_every >= 1):
             raise ValueError(f"invalid hessian_every: {hessian_every} (must be an integer >= 1)")
         check_choice("estimator", estimator, ESTIMATORS)
@@ -293,6 +297,13 @@ class SGDPH(Optimizer):
             if param_group["rule"] != "paper" and self.defaults["authors_code"]:
                 raise ValueError("authors_code=True is the authors' rule: a param group cannot set another rule")
             param_group.setdefault("eps", DEFAULT_EPS[param_group["rule"]])
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise ValueError("a param group is a dict with 'params', e.g. {'params': [...], 'lr': 0.1}")
+        own = {k: param_group[k] for k in GROUP_NUMBERS if k in param_group and param_group[k] is not None}
+        try:
+            check_settings(**own)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group: {exc}") from None
         groups = [param_group] if "second_order" in param_group else second_order_groups([param_group])
         for group in groups:
             super().add_param_group(group)

@@ -17,7 +17,23 @@ from .validation import build, check_keys_apply, check_semantics, resolve_sgdph_
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that numbers in exponent form without a dot (``1e-8``,
-    ``5E-4``, ``1e6``) are numbers, as a user who writes them means, not strings."""
+    ``5E-4``, ``1e6``) are numbers, as a user who writes them means, not strings; and a key given
+    twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"the key {key!r} is given twice (first at line {seen[key] + 1}); keep one",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -130,7 +146,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise UserError(f"no such recipe file: {path}")
     try:
-        data = load_yaml(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}): "
+            "save the recipe as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

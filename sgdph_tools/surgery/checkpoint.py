@@ -59,8 +59,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- corrupt file, not a torch file, pickled classes...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from exc
+        raise UserError(f"cannot read checkpoint {path}: {unreadable_reason(path, exc)}") from exc
+
+
+def unreadable_reason(path: Path, exc: Exception) -> str:
+    """What a file that ``torch.load`` refused is, and what to do: one sentence, no terminal codes."""
+    text = str(exc)
+    head = path.read_bytes()[:4] if path.is_file() else b""
+    if "TorchScript" in text:
+        return (
+            "it is a TorchScript archive, not a checkpoint; load it with torch.jit.load and save "
+            "model.state_dict() with torch.save, then pass that file"
+        )
+    if "Weights only load failed" in text or "weights_only" in text:
+        return (
+            "it holds pickled Python objects (a whole model saved with torch.save(model)), which are not "
+            "loaded for safety; save model.state_dict() instead"
+        )
+    if (
+        head[:2] == b"PK"
+        or "central directory" in text
+        or "unexpected EOF" in text.lower()
+        or isinstance(exc, EOFError)
+    ):
+        return "it is truncated or corrupt (an interrupted copy or write?); copy it again, or use another checkpoint"
+    return "it is not a PyTorch checkpoint (torch.save file); give a file written by torch.save or sgdph"
 
 
 def is_converted(payload: Any) -> bool:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .. import checks, module_kinds
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from .graph import analyse
 from .probe import TOLERANCE as PROBE_TOLERANCE
 from .probe import ChannelScaleProbe, tensors_in
@@ -186,6 +186,11 @@ def convert(
         ``(model, report)``; the report lists every conv/linear with its decision and reason.
     """
     checks.module("model", model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "model is a TorchScript module, which cannot be rewritten: convert the Python model "
+            "(e.g. timm.create_model(...)) and script it afterwards"
+        )
     add_bias = strip_norm if add_bias is None else bool(add_bias)
     exclude = checks.names("exclude", exclude)
     if layers is not None:
@@ -281,6 +286,13 @@ def convert(
             action, detail = (NOT_CONVERTIBLE, reason) if reason else (DECOUPLED, detail)
         reports.append(LayerReport(name, decision.layer_type, action, feeds_norm, evidence, detail, change))
 
+    for pattern in exclude:  # a pattern that matches nothing is a typo, not a choice
+        if not any(fnmatch.fnmatchcase(r.name, pattern) for r in reports):
+            names = [r.name for r in reports]
+            raise UserError(
+                f"--exclude {pattern!r} matches no conv/linear layer{did_you_mean(pattern, names)} "
+                f"(the layers: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; `sgdph inspect` lists all)"
+            )
     if forced is not None:
         missing = forced - {r.name for r in reports}
         if missing:

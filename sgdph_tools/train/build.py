@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..data.datasets import describe_data
+from ..data.datasets import build_datasets
 from ..errors import UserError
 from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
 from ..recipe import Recipe
@@ -35,10 +35,35 @@ def model_spec(recipe: Recipe, num_classes: int, in_chans: int) -> ModelSpec:
     """The recipe's model for the data's classes and channels. timm models take the data's channels
     (a model's own default may differ: small_cnn's is 1); torchvision's constructors have no
     in_chans and are 3-channel."""
+    given = recipe.model.kwargs.get("num_classes")
+    if given is not None and given != num_classes:
+        raise UserError(
+            f"model.kwargs.num_classes={given} disagrees with the data ({recipe.data.name} has {num_classes} "
+            "classes): remove model.kwargs.num_classes (the data sets it)"
+        )
     kwargs = {"num_classes": num_classes, **recipe.model.kwargs}
     if not recipe.model.name.startswith(TORCHVISION_PREFIXES) or in_chans != 3:
         kwargs = {"in_chans": in_chans, **kwargs}
     return ModelSpec.parse(recipe.model.name, **kwargs)
+
+
+def training_device(recipe: Recipe, local_rank: int = 0) -> torch.device:
+    """The device ``trainer.device`` names (auto: CUDA when present); the one-line errors when it
+    cannot be used."""
+    t = recipe.trainer
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.precision == "bf16" and use_cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("trainer.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+    return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def check_batch_fits(recipe: Recipe, train_images: int) -> None:
+    if train_images < recipe.trainer.batch_size:
+        raise UserError(
+            f"trainer.batch_size={recipe.trainer.batch_size} is larger than the training set ({train_images} images)"
+        )
 
 
 def convert_for_recipe(model: nn.Module, recipe: Recipe, img_size: int):
@@ -58,19 +83,28 @@ def check_buildable(recipe: Recipe) -> None:
     """What ``--dry-run`` adds to the recipe's own validation: the data's folders, the model's name and
     constructor arguments, the conversion and the optimizer, built as training builds them but
     without data or weights -- on the meta device, or on the CPU when the recipe converts the model
-    (conversion traces it with real tensors). Raises the same one-line errors training would."""
-    num_classes, in_chans, img_size = describe_data(recipe.data)
+    (conversion traces it with real tensors). The datasets are opened as training opens them (files
+    listed, not loaded: empty class folders, a batch larger than the training set). Raises the same
+    one-line errors training would."""
+    training_device(recipe)
+    data = build_datasets(recipe.data)
+    check_batch_fits(recipe, len(data.train))
+    num_classes, in_chans, img_size = data.num_classes, data.in_chans, data.img_size
     spec = model_spec(recipe, num_classes, in_chans)
     conv = recipe.model.conversion
     converts = conv.wn or conv.strip_norm
     with torch.device("cpu" if converts else "meta"):
         try:
             model = create_model_for_size(spec, img_size)
+        except UserError:
+            raise
         except (ValueError, RuntimeError, AssertionError) as exc:  # a value the architecture rejects
             raise UserError(f"cannot build '{spec.display_name}' with {recipe.model.kwargs}: {exc}") from exc
     if converts:
         model, _ = convert_for_recipe(model, recipe, img_size)
     try:
         build_optimizer(recipe.optimizer, model)
+    except UserError:
+        raise
     except (ValueError, TypeError) as exc:  # e.g. an optimizer.kwargs entry the optimizer does not take
         raise UserError(f"optimizer '{recipe.optimizer.name}': {exc}") from exc

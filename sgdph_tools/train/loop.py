@@ -35,13 +35,18 @@ class NonFiniteLoss(Diverged):
 class DivergenceGuard:
     """Stops a run whose training loss explodes but stays finite (loss 4e18, top-1 at chance).
 
-    The reference is the mean loss of the run's first window (the first ``log_every`` iterations); a
-    window is the iterations between two checks. When ``patience`` windows in a row have a mean loss
-    above ``factor`` times the reference, :class:`Diverged` is raised. ``factor`` None: off. The
-    reference travels in the checkpoint, so a resumed run compares against the same start."""
+    The reference is the mean loss of the run's first window (the first ``log_every`` iterations), or
+    the loss of an untrained classifier over ``num_classes`` classes, ln C, when that is lower -- a run
+    blown up within its first window (loss 1e20 from the start) is then caught too; a window is the
+    iterations between two checks. When ``patience`` windows in a row have a mean loss above
+    ``factor`` times the reference, :class:`Diverged` is raised. ``factor`` None: off. The reference
+    travels in the checkpoint, so a resumed run compares against the same start."""
 
-    def __init__(self, factor: float | None, patience: int, reference: float | None = None):
+    def __init__(
+        self, factor: float | None, patience: int, reference: float | None = None, num_classes: int | None = None
+    ):
         self.factor, self.patience, self.reference, self.strikes = factor, patience, reference, 0
+        self.chance = math.log(num_classes) if num_classes and num_classes > 1 else None
 
     def check(self, window_loss: float, epoch: int, iteration: int) -> None:
         if not math.isfinite(window_loss):
@@ -49,13 +54,15 @@ class DivergenceGuard:
         if self.factor is None:
             return
         if self.reference is None:
-            self.reference = window_loss
-            return
+            self.reference = window_loss if self.chance is None else min(window_loss, self.chance)
+            if window_loss <= self.factor * self.reference:
+                return
         self.strikes = self.strikes + 1 if window_loss > self.factor * self.reference else 0
         if self.strikes >= self.patience:
             raise Diverged(
                 f"the training loss diverged in epoch {epoch + 1}, iteration {iteration}: {window_loss:.4g}, "
-                f"above {self.factor:g}x its starting value {self.reference:.4g} for {self.patience} checks in a row"
+                f"above {self.factor:g}x its starting value {self.reference:.4g} (or an untrained classifier's) "
+                f"for {self.patience} checks in a row"
             )
 
 

@@ -45,6 +45,12 @@ class Run:
     def final(self) -> dict | None:
         return self.rows[-1] if self.rows else None
 
+    @property
+    def unfinished(self) -> bool:
+        """Stopped before its recipe's last epoch (interrupted, or still running), and not diverged."""
+        planned = self.recipe.get("trainer", {}).get("epochs")
+        return not self.diverged and planned is not None and (self.final or {}).get("epoch", 0) < planned
+
     def selected(self, by: str = "val_top1") -> dict | None:
         """The epoch with the best validation score (what best.pt holds for val_top1), or None
         without validation."""
@@ -130,8 +136,9 @@ def _group(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
-def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
-    """Per-run rows, and per-experiment rows (runs grouped by everything but the seed)."""
+def summarize(runs: list[Run], include_unfinished: bool = False) -> tuple[list[dict], list[dict]]:
+    """Per-run rows, and per-experiment rows (runs grouped by everything but the seed). Unfinished
+    runs are listed and counted, but left out of the means unless ``include_unfinished``."""
     per_run = []
     for run in runs:
         final, selected = run.final, run.selected()
@@ -141,6 +148,7 @@ def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
                 "experiment": run.label,
                 "seed": run.seed,
                 "diverged": run.diverged,
+                "unfinished": run.unfinished,
                 "epochs": final["epoch"] if final else 0,
                 "final_acc1": final["test_acc1"] if final else None,
                 "final_acc5": final["test_acc5"] if final else None,
@@ -152,7 +160,7 @@ def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
         )
     per_experiment = []
     for members in _group(runs):
-        finished = [m for m in members if not m.diverged]
+        finished = [m for m in members if not m.diverged and (include_unfinished or not m.unfinished)]
         selected = [m.selected() for m in finished]
         seeds = [m.seed for m in members]
         final = [m.final["test_acc1"] for m in finished]
@@ -165,7 +173,9 @@ def summarize(runs: list[Run]) -> tuple[list[dict], list[dict]]:
                 "seeds": seeds,
                 "distinct_seeds": len(set(seeds)),
                 "repeated_seeds": sorted({s for s in seeds if seeds.count(s) > 1}),
-                "diverged": len(members) - len(finished),
+                "diverged": sum(m.diverged for m in members),
+                "unfinished": sum(m.unfinished for m in members),
+                "unfinished_included": include_unfinished,
                 "final_acc1_mean": statistics.mean(final) if final else None,
                 "final_acc1_std": statistics.stdev(final) if len(final) > 1 else None,
                 "test_acc1_at_best_val_mean": statistics.mean(at_best) if at_best else None,
@@ -202,10 +212,11 @@ def _scores(run: Run, by: str) -> tuple[float, float]:
     return selected[key], selected["test_acc1"]
 
 
-def best_per_contender(runs: list[Run], by: str = "val_top1") -> list[dict]:
+def best_per_contender(runs: list[Run], by: str = "val_top1", include_unfinished: bool = False) -> list[dict]:
     """Every configuration of the grid (runs grouped over seeds) with its validation mean, test mean ±
     std over its distinct seeds and diverged count; ``best`` marks, per contender, the configuration
-    with the best mean validation score."""
+    with the best mean validation score. Unfinished runs are left out (counted) unless
+    ``include_unfinished``; a configuration with only unfinished runs is not in the grid."""
     if by not in SELECTION:
         raise UserError(f"--by must be one of {', '.join(SELECTION)}, got {by!r}")
     larger = SELECTION[by][1]
@@ -219,14 +230,18 @@ def best_per_contender(runs: list[Run], by: str = "val_top1") -> list[dict]:
         if len(set(seeds)) != len(seeds):
             twice = sorted({s for s in seeds if seeds.count(s) > 1})
             raise UserError(f"seed(s) {twice} appear twice among the runs of one configuration ({members[0].path})")
-        scores = [_scores(m, by) for m in members]
+        counted = [m for m in members if include_unfinished or not m.unfinished]
+        if not counted:
+            continue
+        scores = [_scores(m, by) for m in counted]
         val, test = [s[0] for s in scores], [s[1] for s in scores]
         rows.append(
             {
                 "config": {k: settings.get(k) for k in differing},
                 "optimizer": members[0].contender,
-                "seeds": sorted(seeds),
+                "seeds": sorted(m.seed for m in counted),
                 "diverged": sum(m.diverged for m in members),
+                "unfinished": sum(m.unfinished for m in members),
                 "val_mean": statistics.mean(val),
                 "test_mean": statistics.mean(test),
                 "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -11,7 +13,15 @@ from .progress import log
 from .state import load_training_state, set_rng_state
 
 # Keys that may differ between a run and its resumption: freely (they change nothing computed) ...
-RESUME_FREE = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "threads"), ("data", "num_workers")}
+# (the location is not the run: a renamed or moved run folder, or a moved sweep, resumes)
+RESUME_FREE = {
+    ("trainer", "progress"),
+    ("trainer", "log_every"),
+    ("trainer", "threads"),
+    ("data", "num_workers"),
+    ("trainer", "output_dir"),
+    ("trainer", "name"),
+}
 # ... and with --allow-changes (the usual advice after a divergence: lower lr, clip, train longer).
 # The rest -- model, data, seed, the optimizer's kind and estimator -- define the run: changing them
 # is a new run, not a continuation.
@@ -131,3 +141,23 @@ def _recipe_changes(saved: dict, current: dict, prefix: tuple = ()) -> list[str]
         elif a != b and path not in RESUME_FREE:
             changed.append(".".join(path))
     return changed
+
+
+#: What a run writes besides last.pt: without last.pt to resume from, these are an earlier run's.
+EARLIER_FILES = ("metrics.jsonl", "best.pt", "curves.png", "recipe.yaml", "diverged.txt")
+
+
+def set_aside_earlier_files(run_dir: Path) -> Path | None:
+    """A new run in a folder whose ``last.pt`` is gone but whose other files remain: they belong to an
+    earlier run (appending to its history would credit its best epoch to the new run), so they move
+    to ``run_dir/earlier-<time>/``, and a line says so. Returns that folder (None: nothing to move)."""
+    found = [run_dir / name for name in EARLIER_FILES if (run_dir / name).exists()]
+    history = any(p.name in ("metrics.jsonl", "best.pt") for p in found)  # a recipe.yaml alone: a run cut in epoch 1
+    if not history or (run_dir / "last.pt").exists():
+        return None
+    aside = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    log(f"{run_dir} held an earlier run's {', '.join(p.name for p in found)} without last.pt: moved them to {aside}")
+    return aside

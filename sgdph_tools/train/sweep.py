@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..io import remove_stale_temporaries
 from ..recipe import applicable_settings, load_recipe, parse_override, recipe_from_dict, with_defaults
 from ..records import read_json, write_json
+from .lock import FolderLock
 from .metrics import DIVERGED, read_metrics
 
 MANIFEST, BASE = "sweep.json", "base.yaml"
@@ -59,6 +60,14 @@ def split_values(text: str) -> list[str]:
     return [v.strip() for v in values]
 
 
+#: Keys the sweep sets for every run itself, and what to do instead of an axis on them.
+SWEEP_CONTROLLED = {
+    "trainer.threads": "the sweep splits the CPU threads between its runs; choose them with --jobs",
+    "trainer.name": "the sweep names each run after its settings",
+    "trainer.output_dir": "the sweep writes its runs into --dir",
+}
+
+
 def parse_axes(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
     """``["optimizer.lr=0.1,0.01", ...]`` -> ``[("optimizer.lr", [0.1, 0.01]), ...]`` (values read as YAML)."""
     axes: list[tuple[str, list[Any]]] = []
@@ -69,6 +78,8 @@ def parse_axes(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
         key = key.strip()
         if key.startswith("trainer.seed"):
             raise UserError("sweep seeds with --seeds (e.g. --seeds 0-3), not with trainer.seed=...")
+        if key in SWEEP_CONTROLLED:  # the sweep sets these per run: an axis on them would be recorded, not applied
+            raise UserError(f"sweep axis {key}: {SWEEP_CONTROLLED[key]}")
         if any(key == k for k, _ in axes):
             raise UserError(f"sweep axis {key} is given twice; list all its values in one argument")
         axes.append((key, [parse_override(f"{key}={v}")[1] for v in split_values(raw)]))
@@ -238,6 +249,15 @@ def threads_per_job(jobs: int, cpus: int | None = None) -> int:
 
 def run_sweep(sweep: Sweep, jobs: int, on_event: Callable[[str, PlannedRun], None] = lambda e, r: None) -> None:
     """Train every pending requested run, ``jobs`` at a time; the manifest is saved after each."""
+    lock = FolderLock(sweep.folder, "sgdph sweep", "wait for it (one sweep per folder), or give another --dir")
+    lock.acquire()
+    try:
+        _run_locked(sweep, jobs, on_event)
+    finally:
+        lock.release()
+
+
+def _run_locked(sweep: Sweep, jobs: int, on_event: Callable[[str, PlannedRun], None]) -> None:
     todo = sweep.todo()
     sweep.save()
     if not todo:

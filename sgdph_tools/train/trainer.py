@@ -25,12 +25,13 @@ from ..io import atomic_write_text, remove_stale_temporaries
 from ..models.factory import create_model_for_size
 from ..optim import SGDPH
 from ..recipe import Recipe
-from .build import check_buildable, convert_for_recipe, init_distributed, model_spec
+from .build import check_buildable, convert_for_recipe, init_distributed, model_spec, training_device
+from .lock import FolderLock
 from .loop import Diverged, DivergenceGuard, StepSettings, evaluate, train_one_epoch
 from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, validation_rank
 from .optimizers import build_optimizer, build_scheduler
 from .progress import Progress, log
-from .resume import RESUME_ADJUSTABLE, restore_run
+from .resume import RESUME_ADJUSTABLE, restore_run, set_aside_earlier_files
 from .state import save_training_state
 
 __all__ = ["RESUME_ADJUSTABLE", "Trainer", "check_buildable", "model_fingerprint"]
@@ -49,12 +50,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, *, resume: bool = False, allow_changes: bool = False):
         self.recipe, t = recipe, recipe.trainer
         self.rank, self.world, local_rank, self._owns_process_group = init_distributed()
-        if t.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-        use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        if t.precision == "bf16" and use_cuda and not torch.cuda.is_bf16_supported():
-            raise UserError("trainer.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+        self.device = training_device(recipe, local_rank)
+        use_cuda = self.device.type == "cuda"
         self.run_dir = Path(t.output_dir) / t.name
         # CPU threads: the usable CPUs split over the processes torchrun started on this machine.
         self.threads = t.threads or threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -110,14 +107,24 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last)
         self.start_epoch, self.best_val = 0, (float("-inf"), float("-inf"))  # validation_rank of best.pt
-        self.guard = DivergenceGuard(t.divergence_factor, t.divergence_patience)
-        if resume:
-            restore_run(self, allow_changes)
-        elif (self.run_dir / "last.pt").exists():
+        self.guard = DivergenceGuard(t.divergence_factor, t.divergence_patience, num_classes=self.data.num_classes)
+        if not resume and (self.run_dir / "last.pt").exists():
             raise UserError(
                 f"{self.run_dir} already holds a run: continue it with --resume, or choose another "
                 "trainer.name (or trainer.output_dir)"
             )
+        # one writer per run folder (rank 0 writes it), from before the resume rewrites metrics.jsonl
+        self.lock = FolderLock(self.run_dir, "sgdph train", "wait for it, or choose another trainer.name")
+        if self.rank == 0:
+            self.lock.acquire()
+        try:
+            if resume:
+                restore_run(self, allow_changes)
+            elif self.rank == 0:
+                set_aside_earlier_files(self.run_dir)
+        except BaseException:
+            self.lock.release()
+            raise
 
         # Processes and compilation wrap the model used for forward passes; self.model stays the
         # plain module whose state_dict is saved.
@@ -139,6 +146,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.lock.release()
             # A gloo process that exits with its process group alive can abort at exit.
             if self._owns_process_group and dist.is_initialized():
                 dist.destroy_process_group()

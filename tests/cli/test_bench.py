@@ -92,3 +92,8 @@ def test_bench_host_times_the_step_alone_against_sgd(tmp_path):
     assert records[0]["ratio"] == 1.0 and all(r["step_us"] > 0 for r in records)
     assert 0 < records[0]["second_order"] < records[0]["tensors"]
     assert "time / SGD" in result.output
+
+
+def test_bench_every_takes_integer_intervals():
+    assert "--every takes refresh intervals as integers" in user_error(*TINY, "--every", "1,x")
+    assert "each interval must be at least 1" in user_error(*TINY, "--every", "0,10")

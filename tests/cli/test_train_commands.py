@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import torch
+
 from sgdph_tools.errors import UserError
 from tests.cli.helpers import invoke, user_error
 
@@ -66,6 +68,18 @@ def test_nproc_is_checked_before_any_process_starts():
     assert "does not split evenly over --nproc 3 processes" in message and "\n" not in message
 
 
+def _image_folder(root: Path) -> Path:
+    """An image folder whose class 'b' has a folder but no image in train/."""
+    from PIL import Image
+
+    for split, classes in (("train", ("a",)), ("val", ("a", "b"))):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / c / "x.png")
+    (root / "train" / "b").mkdir()
+    return root
+
+
 def test_dry_run_rejects_what_training_would_reject_and_prints_only_valid_recipes(tmp_path):
     cases = [
         (["model.name=resnet18x"], "unknown model 'resnet18x'; did you mean 'resnet18'"),
@@ -80,7 +94,16 @@ def test_dry_run_rejects_what_training_would_reject_and_prints_only_valid_recipe
         (["data.name=cifar10", f"data.root={tmp_path}"], "cifar10 not found under"),
         (["data.name=imagefolder", f"data.root={tmp_path}"], "imagefolder: .* is not a folder"),
         (["optimizer.name=adam", "optimizer.so_lr=0.01"], "does not apply to optimizer.name=adam"),
+        # what training refused but --dry-run accepted before
+        (["trainer.batch_size=5000"], r"trainer.batch_size=5000 is larger than the training set \(1211 images\)"),
+        (["model.kwargs.num_classes=5"], "model.kwargs.num_classes=5 disagrees with the data"),
+        (
+            ["data.name=imagefolder", f"data.root={_image_folder(tmp_path / 'images')}"],
+            "no valid file for the classes b",
+        ),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["trainer.device=cuda"], "no CUDA device is visible"))
     for overrides, message in cases:
         result = invoke("train", QUICK, "--dry-run", *overrides)
         assert isinstance(result.exception, UserError), (overrides, result.output)

@@ -41,6 +41,27 @@ def test_missing_and_unreadable_files(tmp_path):
         read_checkpoint(tmp_path / "junk.pt")
 
 
+def test_each_kind_of_unreadable_file_is_named_with_what_to_do(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    torch.save(net, tmp_path / "whole.pt")
+    with pytest.warns(FutureWarning):  # torch.jit is deprecated; a user may still hand us its archive
+        torch.jit.save(torch.jit.script(net), tmp_path / "script.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.pt").write_text("hello")
+    expected = {
+        "whole.pt": "pickled Python objects .*save model.state_dict",
+        "script.pt": "TorchScript archive",
+        "truncated.pt": "truncated or corrupt",
+        "text.pt": "not a PyTorch checkpoint",
+    }
+    for name, message in expected.items():
+        with pytest.raises(UserError, match=message) as info:
+            read_checkpoint(tmp_path / name)
+        text = str(info.value)
+        assert "\n" not in text and "\x1b" not in text and "PytorchStreamReader" not in text
+
+
 def test_unknown_names_suggest_close_ones():
     with pytest.raises(UserError, match="did you mean 'vgg19_nobn'"):
         load_model("vgg19_nbn")

@@ -20,12 +20,13 @@ def fake_run(
     lr=0.01,
     diverged=False,
     val_losses=None,
+    epochs=None,
     **optimizer_keys,
 ):
-    """A run folder as sgdph train writes it (recipe.yaml + metrics.jsonl [+ diverged.txt])."""
-    recipe = recipe_from_dict(
-        {"optimizer": {"name": optimizer, "lr": lr, **optimizer_keys}, "trainer": {"seed": seed, "name": name}}
-    )
+    """A run folder as sgdph train writes it (recipe.yaml + metrics.jsonl [+ diverged.txt]); its recipe
+    plans ``epochs`` (default: the epochs written, a finished run)."""
+    trainer = {"seed": seed, "name": name, "epochs": epochs or len(accs)}
+    recipe = recipe_from_dict({"optimizer": {"name": optimizer, "lr": lr, **optimizer_keys}, "trainer": trainer})
     folder = tmp_path / name
     folder.mkdir()
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
@@ -167,3 +168,15 @@ def test_groups_keep_world_size_apart_and_say_when_seeds_repeat(tmp_path):
     assert by_world[1]["runs"] == 2 and by_world[1]["distinct_seeds"] == 1 and by_world[1]["repeated_seeds"] == [0]
     assert by_world[2]["runs"] == 1 and by_world[2]["final_acc1_mean"] == 62
     assert json.loads(json.dumps(per_experiment)) == per_experiment  # numbers stay numbers in JSON
+
+
+def test_an_unfinished_run_is_marked_and_left_out_of_the_means_unless_asked(tmp_path):
+    done = [load_run(fake_run(tmp_path, f"ph-s{s}", s, [60, 70], val_accs=[60, 70])) for s in (0, 1)]
+    stopped = load_run(fake_run(tmp_path, "ph-s2", 2, [20], val_accs=[20], epochs=2))  # stopped at epoch 1 of 2
+    per_run, (experiment,) = summarize([*done, stopped])
+    assert [r["unfinished"] for r in per_run] == [False, False, True]
+    assert experiment["unfinished"] == 1 and experiment["final_acc1_mean"] == 70
+    _, (included,) = summarize([*done, stopped], include_unfinished=True)
+    assert included["final_acc1_mean"] == pytest.approx(160 / 3) and included["unfinished_included"]
+    (row,) = best_per_contender([*done, stopped])
+    assert row["seeds"] == [0, 1] and row["unfinished"] == 1 and row["test_mean"] == 70

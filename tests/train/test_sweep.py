@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -121,6 +123,9 @@ def test_an_interrupted_run_continues_and_a_diverged_one_is_not_retried(tmp_path
     with pytest.raises(Interrupt):
         trainer.run()
     assert [r["epoch"] for r in read_metrics(folder / run.name / "metrics.jsonl")] == [1]
+    # the sweep folder moves before it is continued: the location is not the run
+    shutil.move(folder, tmp_path / "moved")
+    folder = tmp_path / "moved"
     args = ("sweep", str(recipe), "optimizer.lr=0.05,1e9", "--dir", str(folder))
     first = sgdph(*args)
     assert first.returncode == 0, first.stderr
@@ -132,3 +137,9 @@ def test_an_interrupted_run_continues_and_a_diverged_one_is_not_retried(tmp_path
     assert "diverged  lr1000000000.0-s0" in first.stdout
     again = sgdph(*args)
     assert again.returncode == 0 and "1 finished, 1 diverged, 0 to train" in again.stdout
+
+
+@pytest.mark.parametrize("key", ["trainer.threads", "trainer.name", "trainer.output_dir"])
+def test_an_axis_on_a_key_the_sweep_sets_itself_is_refused(key):
+    with pytest.raises(UserError, match=f"sweep axis {key}: the sweep"):
+        parse_axes([f"{key}=1,2"])

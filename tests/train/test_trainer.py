@@ -216,6 +216,17 @@ def test_the_divergence_guard():
         resumed.check(24.0, 5, 1)
 
 
+def test_a_run_blown_up_from_its_first_window_is_caught_against_an_untrained_classifier():
+    blown = DivergenceGuard(factor=10, patience=2, num_classes=10)
+    blown.check(1e20, 0, 1)  # the first window: its own reference would hide it; ln 10 does not
+    assert blown.reference == pytest.approx(2.302585) and blown.strikes == 1
+    with pytest.raises(Diverged, match="untrained classifier"):
+        blown.check(1e20, 0, 2)
+    healthy = DivergenceGuard(factor=10, patience=1, num_classes=10)
+    for loss in (2.4, 1.9, 0.5, 3.0):  # a normal start near ln C, and a spike below 10x
+        healthy.check(loss, 0, 1)
+
+
 @pytest.mark.parametrize(
     "options",
     [
