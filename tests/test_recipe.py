@@ -264,3 +264,15 @@ def test_a_key_given_twice_and_a_file_that_is_not_utf8_are_refused(tmp_path):
     latin.write_bytes("model: {name: small_cnn}\ndata: {name: digits}\n# caf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 0xe9 at position \d+\): save the recipe as UTF-8"):
         load_recipe(latin)
+
+
+def test_recipes_refresh_every_10_steps_and_the_authors_rule_reads_that_as_every_step():
+    assert recipe_from_dict({}).optimizer.hessian_every == 10  # the refresh-interval study's choice
+    authors = recipe_from_dict({}, ["optimizer.authors_code=true"]).optimizer
+    assert (authors.estimator, authors.hessian_every) == ("rowsum", 1)
+    with pytest.raises(UserError, match="authors_code=true is the authors' rule"):
+        recipe_from_dict({}, ["optimizer.authors_code=true", "optimizer.hessian_every=5"])
+    # an SGDM run recorded before the change lists hessian_every at its default then, 1: it still loads
+    recorded = Recipe().as_dict()
+    recorded["optimizer"].update(name="sgd", hessian_every=1)
+    assert recipe_from_dict(recorded).optimizer.name == "sgd"

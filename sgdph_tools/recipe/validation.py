@@ -214,7 +214,7 @@ def check_semantics(recipe: Recipe) -> None:
     # as paper and rowsum there (resolve_sgdph_choices), others are an error
     if o.authors_code and (
         o.estimator not in ("rowsum", OptimizerCfg.estimator)
-        or o.hessian_every != 1
+        or o.hessian_every not in (1, OptimizerCfg.hessian_every)  # the default is read as 1 there
         or o.second_order_kinds is not None
         or o.rule not in ("paper", OptimizerCfg.rule)
     ):
@@ -238,10 +238,10 @@ def check_semantics(recipe: Recipe) -> None:
 
 def resolve_sgdph_choices(o: OptimizerCfg) -> None:
     """The one home of two reading rules, applied in place: ``authors_code`` is the paper's rowsum
-    (the default estimator is read as that), and ``gnb_fraction`` belongs to gnb (another estimator
-    has none). Recipes apply it when loaded, so recorded recipes say what ran; the optimizer builder
-    applies it to a config made directly."""
+    refreshed every step (the default estimator and interval are read as that), and ``gnb_fraction``
+    belongs to gnb (another estimator has none). Recipes apply it when loaded, so recorded recipes say
+    what ran; the optimizer builder applies it to a config made directly."""
     if o.authors_code:
-        o.estimator = "rowsum"
+        o.estimator, o.hessian_every = "rowsum", 1
     if o.estimator != "gnb":
         o.gnb_fraction = None
