@@ -185,6 +185,12 @@ def _imagefolder(cfg: DataCfg) -> tuple[DataBundle, Dataset, Sequence[int]]:
     return DataBundle(train, test, len(train.classes), 3, size), _with_transform(train, test_tf), train.targets
 
 
+def check_batch_fits(batch_size: int, train_images: int) -> None:
+    """The one-line error for a global batch larger than the training set (training and --dry-run)."""
+    if train_images < batch_size:
+        raise UserError(f"trainer.batch_size={batch_size} is larger than the training set ({train_images} images)")
+
+
 class ShardSampler(Sampler[int]):
     """Every index once across all processes (rank r takes r, r + world, ...), with no padding:
     evaluation sums reduced across processes are then exact."""
@@ -242,6 +248,7 @@ def build_loaders(
             **common,
         )
 
-    if len(train) == 0:  # (--dry-run checks the same: train/build.py check_batch_fits)
-        raise UserError(f"trainer.batch_size={batch_size} is larger than the training set ({len(bundle.train)} images)")
+    if len(train) == 0:
+        check_batch_fits(batch_size, len(bundle.train))
+        raise UserError(f"trainer.batch_size={batch_size} leaves no full batch on each of {world} processes")
     return Loaders(train, evaluation(bundle.val) if bundle.val is not None else None, evaluation(bundle.test), sampler)

@@ -204,7 +204,7 @@ class SGDPH(Optimizer):
             if estimator != "gnb":
                 raise ValueError(f"gnb_fraction applies to estimator='gnb' only (got estimator={estimator!r})")
         self.model = model
-        self._flat: dict[int, FlatSecondOrder | None] | None = None  # per second-order group (flat.py)
+        self._flat: dict[int, FlatSecondOrder | None] = {}  # per second-order group, built on use (flat.py)
         self._step_count: int | None = None  # mirror of the largest per-parameter "step" (host time)
         #: gradients and estimates (sgdph_tools.curvature); holds the model's hook, not the optimizer
         self.curvature = StepCurvature(model)
@@ -308,7 +308,7 @@ class SGDPH(Optimizer):
         for group in groups:
             super().add_param_group(group)
             self._init_state(group)
-        self._flat = self._step_count = None
+        self._flat, self._step_count = {}, None
 
     def _init_state(self, group: dict[str, Any]) -> None:
         """Create the state eagerly, as a step would: torch.distributed.checkpoint builds its load
@@ -341,7 +341,7 @@ class SGDPH(Optimizer):
                 stacklevel=2,
             )
         self.defaults.update(loaded)
-        self._flat = self._step_count = None  # rebuilt from the loaded state
+        self._flat, self._step_count = {}, None  # rebuilt from the loaded state
         self.curvature.configure(loaded["estimator"], loaded["engine"], loaded["gnb_fraction"])
 
     def _second_order_params(self) -> list[Tensor]:
@@ -432,7 +432,5 @@ class SGDPH(Optimizer):
 
     def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int) -> bool:
         """Update one group (:mod:`.update`); True when it has second-order tensors that were updated."""
-        if self._flat is None:
-            self._flat = {}
         one_d = len(self._one_d_params()) if group["authors_code"] else 0
         return update_group(self.state, group, hessians, step, one_d, self._flat)

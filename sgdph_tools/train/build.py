@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..data.datasets import build_datasets
+from ..data.datasets import build_datasets, check_batch_fits
 from ..errors import UserError
 from ..models.factory import TORCHVISION_PREFIXES, ModelSpec, create_model_for_size
 from ..recipe import Recipe
@@ -59,13 +59,6 @@ def training_device(recipe: Recipe, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def check_batch_fits(recipe: Recipe, train_images: int) -> None:
-    if train_images < recipe.trainer.batch_size:
-        raise UserError(
-            f"trainer.batch_size={recipe.trainer.batch_size} is larger than the training set ({train_images} images)"
-        )
-
-
 def convert_for_recipe(model: nn.Module, recipe: Recipe, img_size: int):
     conv = recipe.model.conversion
     example = example_input_for(model, img_size)
@@ -88,7 +81,7 @@ def check_buildable(recipe: Recipe) -> None:
     one-line errors training would."""
     training_device(recipe)
     data = build_datasets(recipe.data)
-    check_batch_fits(recipe, len(data.train))
+    check_batch_fits(recipe.trainer.batch_size, len(data.train))
     num_classes, in_chans, img_size = data.num_classes, data.in_chans, data.img_size
     spec = model_spec(recipe, num_classes, in_chans)
     conv = recipe.model.conversion

@@ -430,7 +430,9 @@ def test_resume_from_state_dict_matches_an_uninterrupted_run_bit_for_bit(usage, 
 # ----------------------------------------------------------------------------- AMP
 
 
-def scaled_run(usage, scaler):
+def scaled_run(usage, scaler, unscale_first=False):
+    """Three steps in usage A (a standard loop; ``unscale_first``: the caller unscales to clip before
+    scaler.step, as timm's NativeScaler does) or B (``loss_fn``, the scaler handed to step)."""
     torch.manual_seed(0)
     net = conv_bn_net()
     opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="hutchinson")
@@ -444,6 +446,9 @@ def scaled_run(usage, scaler):
                 opt.step()
             else:
                 scaler.scale(loss).backward(create_graph=True)
+                if unscale_first:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 1e3)  # large: clips nothing
                 scaler.step(opt)
                 scaler.update()
         else:
@@ -470,32 +475,11 @@ def test_a_grad_scaler_loop_uses_torchs_protocol_and_unscales_the_hessian():
     """scaler.scale(loss).backward(); scaler.step(opt); scaler.update() -- also with scaler.unscale_(opt)
     first, to clip -- emits no FutureWarning (torch's grad_scale / found_inf protocol, not its
     deprecated path) and gives the Hessian EMA of the run without a scaler."""
-
-    def run(scaler, unscale_first):
-        torch.manual_seed(0)
-        net = conv_bn_net()
-        opt = SGDPH(sgdph_param_groups(net), lr=0.05, estimator="hutchinson")
-        for step in range(3):
-            x, y = batch_for(net, seed=step)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y)
-            if scaler is None:
-                loss.backward(create_graph=True)
-                opt.step()
-                continue
-            scaler.scale(loss).backward(create_graph=True)
-            if unscale_first:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1e3)  # large: clips nothing
-            scaler.step(opt)
-            scaler.update()
-        return opt
-
-    reference = run(None, False)
+    _, reference = scaled_run("A", None)
     for unscale_first in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            scaled = run(torch.amp.GradScaler("cpu", init_scale=2.0**12), unscale_first)
+            _, scaled = scaled_run("A", torch.amp.GradScaler("cpu", init_scale=2.0**12), unscale_first)
         for p, q in zip(reference.param_groups[0]["params"], scaled.param_groups[0]["params"]):
             D, D_s = reference.state[p]["hessian_ema"], scaled.state[q]["hessian_ema"]
             assert D.abs().max() > 1e-4
