@@ -96,6 +96,19 @@ CONTENDERS = {
         )
         for k in (2, 5, 10)
     },
+    # block_newton's cheap mode (per-example GNB blocks on a quarter of the batch, every 10 steps like the
+    # default mode); its own knob: τ, the Newton direction's scale (ε 1e-3: its calibration on shapes no-BN)
+    "ph-block-newton": (
+        "sgdph",
+        [
+            "optimizer.rule=block_newton",
+            "optimizer.estimator=gnb",
+            "optimizer.gnb_fraction=0.25",
+            "optimizer.hessian_every=10",
+            "optimizer.eps=0.001",
+        ],
+        "optimizer.so_lr=0.003,0.01",
+    ),
 }
 
 

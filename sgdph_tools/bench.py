@@ -57,6 +57,7 @@ class Mode:
     # finite differences along one tensor: run the whole perturbed forward instead of reusing the
     # activations below the tensor's layer (the optimizer's default; measured against it)
     full_forward: bool = False
+    rule: str | None = None  # None: SGDPH's default rule; block_newton: its block estimate
 
     @property
     def label(self) -> str:
@@ -64,7 +65,7 @@ class Mode:
             return self.optimizer
         how = [self.engine] if self.engine else [f"batch x {self.gnb_fraction:g}"] if self.gnb_fraction else []
         how += ["full forward"] if self.full_forward else []
-        parts = [self.estimator] + how + [f"every {self.hessian_every}"]
+        parts = ([self.rule] if self.rule else []) + [self.estimator] + how + [f"every {self.hessian_every}"]
         return "sgdph " + ", ".join(parts)
 
 
@@ -74,6 +75,8 @@ def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
         modes += [Mode("sgdph", est, eng, k) for est, eng in ESTIMATOR_ENGINES]
         modes += [Mode("sgdph", "gnb", None, k, f) for f in GNB_FRACTIONS]
         modes += [Mode("sgdph", "rowsum", "finite_difference", k, full_forward=True)]
+        # block_newton's cheap mode (its exact mode costs #tensors x cg_steps GGN products a step: not a row)
+        modes += [Mode("sgdph", "gnb", None, k, f, rule="block_newton") for f in GNB_FRACTIONS]
     return modes
 
 
@@ -134,6 +137,7 @@ def _build(mode: Mode, model):
         hessian_every=mode.hessian_every,
         gnb_fraction=mode.gnb_fraction,
         model=model,
+        **({"rule": mode.rule} if mode.rule else {}),
     )
     optimizer.reuse_activations = not mode.full_forward
     return optimizer

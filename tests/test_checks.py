@@ -76,7 +76,7 @@ def test_optimizer_and_param_groups(setup):
     with pytest.raises(TypeError, match=r"lr must be a number, got '0.1'"):
         SGDPH(net.parameters(), lr="0.1")
     with pytest.raises(TypeError, match="so_lr must be a number"):
-        SGDPH(net.parameters(), so_lr=None)
+        SGDPH(net.parameters(), so_lr="0.1")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         SGDPH(net.parameters(), model=lambda x: x)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):

@@ -276,3 +276,14 @@ def test_recipes_refresh_every_10_steps_and_the_authors_rule_reads_that_as_every
     recorded = Recipe().as_dict()
     recorded["optimizer"].update(name="sgd", hessian_every=1)
     assert recipe_from_dict(recorded).optimizer.name == "sgd"
+
+
+def test_block_newton_recipes_need_gauss_newton_curvature_and_the_exact_mode_solves_every_step():
+    cheap = recipe_from_dict({}, ["optimizer.rule=block_newton"]).optimizer
+    assert (cheap.estimator, cheap.gnb_fraction, cheap.hessian_every) == ("gnb", 0.25, 10)
+    exact = recipe_from_dict({}, ["optimizer.rule=block_newton", "optimizer.engine=gauss_newton"]).optimizer
+    assert exact.hessian_every == 1
+    with pytest.raises(UserError, match="needs Gauss-Newton curvature.*optimizer.estimator=gnb"):
+        recipe_from_dict({}, ["optimizer.rule=block_newton", "optimizer.estimator=rowsum"])
+    with pytest.raises(UserError, match="cg_steps"):
+        recipe_from_dict({}, ["optimizer.cg_steps=0"])

@@ -117,9 +117,7 @@ def bench_command(
     for column in ("optimizer", "step ms", "time / SGDM", "per round", "peak MB", "memory / SGDM"):
         table.add_column(column)
     for r in records:
-        label = Mode(
-            r["optimizer"], r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"], r["full_forward"]
-        ).label
+        label = Mode(**{k: r[k] for k in Mode.__dataclass_fields__}).label
         memory = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
         spread = " ".join(f"{x:.2f}" for x in r["time_ratio_rounds"])
         table.add_row(label, f"{r['step_ms']:.1f}", f"{r['time_ratio']:.2f}", spread, f"{r['peak_mb']:.0f}", memory)

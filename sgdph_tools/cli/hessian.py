@@ -55,6 +55,14 @@ def hessian_command(
     seed: int = typer.Option(
         0, "--seed", help="Seed of the model's initialisation (a model built by name), the random batch and the probes."
     ),
+    precondition_max: int = typer.Option(
+        256,
+        "--precondition-max",
+        help="Compare curvature models on tensors of at most this many entries (whole block).",
+    ),
+    block_draws: int = typer.Option(
+        10, "--block-draws", help="GNB draws averaged into the curvature models compared (an EMA over ~10 refreshes)."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report to this JSON file."),
 ) -> None:
     """Exact Hessian and Gauss-Newton blocks (float64) against every estimate, per second-order tensor."""
@@ -66,6 +74,7 @@ def hessian_command(
         ("--max-channels", max_channels),
         ("--draws", draws),
         ("--num-classes", num_classes),
+        ("--block-draws", block_draws),
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -82,7 +91,16 @@ def hessian_command(
     x, y = _batch(model, recipe, batch, img_size, num_classes, seed)
     torch.manual_seed(seed)
     report = exactness_report(
-        model, x, y, names, dtype=DTYPES[dtype], max_channels=max_channels, draws=draws, seed=seed
+        model,
+        x,
+        y,
+        names,
+        dtype=DTYPES[dtype],
+        max_channels=max_channels,
+        draws=draws,
+        seed=seed,
+        precondition_max=precondition_max,
+        block_draws=block_draws,
     )
     console.print(f"{spec.display_name}, batch {len(y)}, estimators in {dtype}, exact blocks in float64")
     table = Table(title="block structure (exact, on the channels shown)", title_justify="left")
@@ -112,6 +130,19 @@ def hessian_command(
             f"{r['relative_error']:.2e}",
         )
     console.print(table)
+    if report["preconditioning"]:
+        table = Table(
+            title=f"how each curvature model preconditions (GNB models: mean of {block_draws} draws; "
+            "efficiency: line-search decrease / the exact block's)",
+            title_justify="left",
+        )
+        for column in ("tensor", "numel", "model", "efficiency", "condition of P⁻¹(G+δI)"):
+            table.add_column(column)
+        for r in report["preconditioning"]:
+            table.add_row(r["tensor"], str(r["numel"]), r["model"], f"{r['efficiency']:.3f}", f"{r['condition']:.3g}")
+        console.print(table)
+    else:
+        console.print(f"(no tensor of at most {precondition_max} entries: raise --precondition-max to compare models)")
     if json_out is not None:
         write_json(
             json_out,
@@ -121,5 +152,6 @@ def hessian_command(
             batch=len(y),
             dtype=report["dtype"],
             blocks=report["blocks"],
+            preconditioning=report["preconditioning"],
         )
         console.print(f"wrote {json_out}")

@@ -9,7 +9,7 @@ recipe validation can read it without importing torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: Estimators built from products ``M v`` (:mod:`.estimators`).
 PRODUCT_ESTIMATORS = ("rowsum", "hutchinson", "diagonal")
@@ -19,6 +19,9 @@ ESTIMATORS = (*PRODUCT_ESTIMATORS, "gnb")
 HESSIAN_ENGINES = ("autograd", "finite_difference")
 #: Every engine: the Hessian ones, then exact Gauss-Newton (GGN) products.
 ENGINES = (*HESSIAN_ENGINES, "gauss_newton")
+#: The leading fraction of the step's batch that the sub-batch GNB estimate runs on where the project
+#: chooses one (recipes; ``SGDPH(rule="block_newton", model=...)``): the study of docs/evidence.md.
+DEFAULT_GNB_FRACTION = 0.25
 #: Estimators whose estimate is random (a probe, sampled labels): averaged over draws when measured.
 STOCHASTIC = ("hutchinson", "gnb")
 #: Estimators that refresh one tensor per refreshing step (one product per tensor, or per element),
@@ -57,8 +60,20 @@ class Needs:
         return not self.double_backward
 
 
-def needs(estimator: str, engine: str = "autograd", gnb_fraction: float | None = None) -> Needs:
-    """The needs of an estimate; ``engine`` is ignored for ``gnb``, ``gnb_fraction`` for the others."""
+def needs(
+    estimator: str, engine: str = "autograd", gnb_fraction: float | None = None, exact_blocks: bool = False
+) -> Needs:
+    """The needs of an estimate; ``engine`` is ignored for ``gnb``, ``gnb_fraction`` for the others.
+    ``exact_blocks``: some tensors are also solved exactly on their Gauss-Newton block at every step
+    (``rule="block_newton"`` with ``engine="gauss_newton"``): GGN products read the step's logits
+    through their graph."""
+    base = _estimator_needs(estimator, engine, gnb_fraction)
+    if not exact_blocks:
+        return base
+    return replace(base, double_backward=True, keeps_graph=True, reads_logits=True)
+
+
+def _estimator_needs(estimator: str, engine: str, gnb_fraction: float | None) -> Needs:
     check_choice("estimator", estimator, ESTIMATORS)
     if estimator == "gnb":
         own_forward = gnb_fraction is not None

@@ -41,7 +41,16 @@ from torch import Tensor
 from .. import checks
 from .replay import gradients_only_for, module_buffers_restored, rng_preserved
 
-__all__ = ["gauss_newton_bartlett", "ggn_vector_product", "GGNVectorProduct", "SubBatchGNB"]
+__all__ = [
+    "gauss_newton_bartlett",
+    "bartlett_gradients",
+    "bartlett_curvature",
+    "bartlett_rows",
+    "bartlett_row_curvature",
+    "ggn_vector_product",
+    "GGNVectorProduct",
+    "SubBatchGNB",
+]
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -66,19 +75,84 @@ def gauss_newton_bartlett(
     Non-finite logits (a diverged model) give NaN estimates, as every other estimator's would, rather
     than an exception from the label sampler: the optimizer keeps its previous estimate, and the
     caller's loss -- non-finite too -- tells it the run diverged."""
+    return bartlett_curvature(*bartlett_gradients(logits, params, generator))
+
+
+def bartlett_gradients(
+    logits: Tensor, params: Sequence[Tensor], generator: torch.Generator | None = None
+) -> tuple[list[Tensor], int]:
+    """``(ĝ, B)``: the gradient of the mean cross-entropy of ``logits`` (``B`` rows) against labels
+    sampled from their softmax, per parameter (NaN where the logits are not finite)."""
     _check_logits(logits)
     params = _check_params(params)
     checks.generator("generator", generator)
     probs = torch.softmax(logits.detach().float(), dim=1)
     if not bool(torch.isfinite(probs).all()):
-        return [torch.full_like(p, float("nan")) for p in params]
+        return [torch.full_like(p, float("nan")) for p in params], logits.shape[0]
     device = generator.device if generator is not None else probs.device
     labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
     loss = F.cross_entropy(logits, labels)
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
-    squares = torch._foreach_mul(grads, grads)  # B·ĝ⊙ĝ in two multi-tensor kernels, not two per tensor
-    torch._foreach_mul_(squares, logits.shape[0])
-    return squares
+    return list(grads), logits.shape[0]
+
+
+def bartlett_rows(
+    logits: Tensor, params: Sequence[Tensor], chunks: int | None, generator: torch.Generator | None = None
+) -> tuple[list[Tensor], int]:
+    """``(U, B)``: per parameter ``[c, *shape]``, row j the gradient ``uⱼ = Σ_{i∈j} Jᵢᵀ(pᵢ − e_ŷᵢ)`` of
+    chunk j of the ``B`` rows (``c = min(chunks, B)`` contiguous chunks; None: one per row), labels ŷ sampled from the
+    softmax. ``(1/B) Σⱼ uⱼuⱼᵀ`` is unbiased for the GGN block whatever the chunking (the cross terms of
+    a chunk have mean zero) and of rank up to c -- one chunk is ``B·ĝĝᵀ``, rank one. One backward
+    batched over the chunks (``is_grads_batched``: vmap), not c backwards."""
+    _check_logits(logits)
+    params = _check_params(params)
+    checks.generator("generator", generator)
+    batch, classes = logits.shape
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    c = batch if chunks is None else max(1, min(chunks, batch))
+    if not bool(torch.isfinite(probs).all()):
+        return [torch.full((c, *p.shape), float("nan"), dtype=p.dtype, device=p.device) for p in params], batch
+    device = generator.device if generator is not None else probs.device
+    labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
+    # in the logits' dtype, as the cross-entropy's own gradient (the float32 probs only sample)
+    residual = torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, classes).to(logits.dtype)
+    rows = torch.arange(batch, device=logits.device)
+    outputs = torch.zeros(c, batch, classes, dtype=logits.dtype, device=logits.device)
+    outputs[rows * c // batch, rows] = residual
+    grads = torch.autograd.grad(
+        logits, params, outputs, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
+    )
+    return list(grads), batch
+
+
+def bartlett_row_curvature(rows: Sequence[Tensor], batch: int, blocks: Sequence[bool]) -> list[Tensor]:
+    """From :func:`bartlett_rows`' ``U``: ``(1/B)·UᵀU`` (``[n, n]``) where ``blocks[i]``, else its
+    diagonal ``(1/B)·Σⱼ uⱼ⊙uⱼ``."""
+    out = []
+    for u, block in zip(rows, blocks):
+        flat = u.reshape(u.shape[0], -1)
+        out.append(flat.T @ flat / batch if block else (flat * flat).sum(0).div_(batch).view(u.shape[1:]))
+    return out
+
+
+def bartlett_curvature(grads: Sequence[Tensor], batch: int, blocks: Sequence[bool] | None = None) -> list[Tensor]:
+    """Gauss-Newton-Bartlett estimates from sampled-label gradients ĝ of a ``batch``-row mean loss:
+    ``B·ĝ⊙ĝ`` (unbiased for the GGN diagonal), or where ``blocks[i]`` is true the whole block
+    ``B·ĝĝᵀ`` (``[n, n]`` for an ``n``-entry tensor; unbiased for the GGN block, of rank one)."""
+    blocks = [False] * len(grads) if blocks is None else list(blocks)
+    diagonal = [g for g, block in zip(grads, blocks) if not block]
+    squares = torch._foreach_mul(diagonal, diagonal) if diagonal else []
+    if squares:  # B·ĝ⊙ĝ in two multi-tensor kernels, not two per tensor
+        torch._foreach_mul_(squares, batch)
+    remaining = iter(squares)
+    out = []
+    for g, block in zip(grads, blocks):
+        if block:
+            flat = g.reshape(-1)
+            out.append(torch.outer(flat, flat).mul_(batch))
+        else:
+            out.append(next(remaining))
+    return out
 
 
 class GGNVectorProduct:
@@ -151,6 +225,18 @@ class SubBatchGNB:
     def estimate(
         self, params: Sequence[Tensor], fraction: float, generator: torch.Generator | None = None
     ) -> list[Tensor]:
+        """``b·ĝ⊙ĝ`` per parameter from the sub-batch's sampled-label gradients."""
+        return bartlett_curvature(*self.sampled(params, fraction, generator))
+
+    def sampled(
+        self,
+        params: Sequence[Tensor],
+        fraction: float,
+        generator: torch.Generator | None = None,
+        chunks: int | None | bool = False,
+    ) -> tuple[list[Tensor], int]:
+        """``(ĝ, b)``: the sub-batch's sampled-label gradients and its size (:func:`bartlett_gradients`);
+        with ``chunks`` (an int, or None: one per row), per-chunk gradients instead (:func:`bartlett_rows`)."""
         params = _check_params(params)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"invalid gnb_fraction: {fraction} (must be in (0, 1])")
@@ -183,7 +269,9 @@ class SubBatchGNB:
                         "gnb_fraction needs a model whose forward returns [batch, classes] logits; "
                         "leave gnb_fraction unset and return (loss, logits) from loss_fn instead"
                     )
-                return gauss_newton_bartlett(logits, params, generator)
+                if chunks is not False:
+                    return bartlett_rows(logits, params, chunks, generator)
+                return bartlett_gradients(logits, params, generator)
         finally:
             self._running = False
 

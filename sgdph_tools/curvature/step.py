@@ -32,7 +32,14 @@ from .. import distributed
 from .activation_reuse import ActivationReuse
 from .capabilities import Needs, needs
 from .estimators import estimate
-from .gauss_newton import GGNVectorProduct, SubBatchGNB, gauss_newton_bartlett
+from .gauss_newton import (
+    GGNVectorProduct,
+    SubBatchGNB,
+    bartlett_curvature,
+    bartlett_gradients,
+    bartlett_row_curvature,
+    bartlett_rows,
+)
 from .products import AutogradHVP, FiniteDifferenceHVP, Product, math_attention, no_double_backward_error
 from .replay import ActivationCut, ClosureReplay, ForwardReplay, cuda_indices
 
@@ -112,14 +119,19 @@ class StepCurvature:
         self._sub_batch = SubBatchGNB(model, list(model.buffers()), enabled=False) if model is not None else None
         self.configure("rowsum", "autograd", None)
 
-    def configure(self, estimator: str, engine: str, gnb_fraction: float | None) -> None:
+    def configure(self, estimator: str, engine: str, gnb_fraction: float | None, exact_blocks: bool = False) -> None:
+        """``exact_blocks``: some tensors are solved on their exact GGN block every step
+        (:meth:`block_product`), which reads the logits whatever the estimator."""
         if gnb_fraction is not None and estimator == "gnb" and self.model is None:
             raise ValueError(
                 "gnb_fraction needs model=<the module the loss runs>: the sub-batch is taken from its recorded inputs"
             )
         self.estimator, self.engine = estimator, engine
         self.gnb_fraction = gnb_fraction if estimator == "gnb" else None
-        self.needs: Needs = needs(estimator, engine, self.gnb_fraction)
+        self.exact_blocks = exact_blocks
+        #: block estimates come from this many chunks of the (sub-)batch's rows (``bartlett_rows``)
+        self.block_chunks = getattr(self, "block_chunks", None)
+        self.needs: Needs = needs(estimator, engine, self.gnb_fraction, exact_blocks)
         if self._sub_batch is not None:
             self._sub_batch.enabled = self.gnb_fraction is not None
 
@@ -306,18 +318,34 @@ class StepCurvature:
     # ------------------------------------------------------------------------- estimate
 
     def estimate(
-        self, grads: StepGradients, refresh: list[Tensor], generator: torch.Generator | None
+        self,
+        grads: StepGradients,
+        refresh: list[Tensor],
+        generator: torch.Generator | None,
+        blocks: list[bool] | None = None,
     ) -> dict[Tensor, Tensor]:
         """The estimate for each tensor of ``refresh``, averaged across processes; {} when it is not
-        finite (e.g. an fp16 overflow: the optimizer keeps its previous estimate)."""
+        finite (e.g. an fp16 overflow: the optimizer keeps its previous estimate). ``blocks[i]``: the
+        tensor's whole Gauss-Newton-Bartlett block (``[n, n]``) instead of its diagonal (``gnb`` only):
+        ``(1/B)·Σⱼ uⱼuⱼᵀ`` from ``block_chunks`` chunks of rows (:func:`bartlett_rows`), averaged across
+        processes after the products, so it stays unbiased; the other tensors then get the diagonal of
+        the same estimate."""
         if self.needs.reads_logits and grads.logits is None:
             raise RuntimeError(NEEDS_LOGITS)
+        if blocks is not None and any(blocks) and self.estimator != "gnb":
+            raise ValueError("block estimates come from estimator='gnb'")
         try:
             with torch.enable_grad():
-                if self.gnb_fraction is not None:
-                    h = self._sub_batch.estimate(refresh, self.gnb_fraction, generator)
+                if blocks is not None and any(blocks):
+                    if self.gnb_fraction is not None:
+                        rows = self._sub_batch.sampled(refresh, self.gnb_fraction, generator, self.block_chunks)
+                    else:
+                        rows = bartlett_rows(grads.logits, refresh, self.block_chunks, generator)
+                    h = bartlett_row_curvature(*rows, blocks)
+                elif self.gnb_fraction is not None:
+                    h = bartlett_curvature(*self._sub_batch.sampled(refresh, self.gnb_fraction, generator))
                 elif self.estimator == "gnb":
-                    h = gauss_newton_bartlett(grads.logits, refresh, generator)
+                    h = bartlett_curvature(*bartlett_gradients(grads.logits, refresh, generator))
                 else:
                     engine = (
                         GGNVectorProduct(grads.logits, refresh)
@@ -326,12 +354,7 @@ class StepCurvature:
                     )
                     h = estimate(self.estimator, engine, refresh, range(len(refresh)), generator)
         except RuntimeError as error:
-            if "backward through the graph a second time" in str(error):
-                raise RuntimeError(GRAPH_FREED) from None
-            clear = no_double_backward_error(error)
-            if clear is None:
-                raise
-            raise clear from None
+            raise _clearer(error) from None
         h = [x.detach() for x in h]
         # Products through a graph of the scaled loss are scaled; the logits-based estimates are not.
         scale = grads.product_scale
@@ -341,6 +364,25 @@ class StepCurvature:
         if not all_finite(h):
             return {}
         return dict(zip(refresh, h))
+
+    def block_product(self, grads: StepGradients, params: list[Tensor]) -> Callable[[int, Tensor], Tensor]:
+        """``product(k, v) = G_kk v``: exact GGN-vector products of the step's batch restricted to
+        ``params[k]``'s own block, averaged across processes (every rank then runs the same CG)."""
+        if grads.logits is None:
+            raise RuntimeError(NEEDS_LOGITS)
+        try:
+            with torch.enable_grad():
+                engine = GGNVectorProduct(grads.logits, params)
+        except RuntimeError as error:
+            raise _clearer(error) from None
+
+        def product(k: int, v: Tensor) -> Tensor:
+            with torch.enable_grad():
+                (gv,) = engine({k: v}, [k])
+            distributed.all_reduce_mean_([gv])
+            return gv
+
+        return product
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -373,6 +415,13 @@ def is_compiled(model: nn.Module | None) -> bool:
         return False
     compiled = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
     return any(isinstance(m, compiled) for m in (model, getattr(model, "module", None)))
+
+
+def _clearer(error: RuntimeError) -> RuntimeError:
+    """The one-line error for what went wrong in a product, or the error itself."""
+    if "backward through the graph a second time" in str(error):
+        return RuntimeError(GRAPH_FREED)
+    return no_double_backward_error(error) or error
 
 
 def _raising(message: str) -> Callable[[list[Tensor]], Product]:

@@ -13,10 +13,14 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..curvature import check_choice
 
-__all__ = ["sgdph", "step_denominators", "RULES", "DEFAULT_RULE", "DEFAULT_EPS"]
+__all__ = ["sgdph", "step_denominators", "RULES", "DIAGONAL_RULES", "DEFAULT_RULE", "DEFAULT_EPS", "DEFAULT_SO_LR"]
 
-#: How the curvature EMA turns into a step (``rule=``; the class docstring gives the formulas).
-RULES = ("paper", "damped", "normalized")
+#: How a diagonal curvature EMA turns into a step (the class docstring gives the formulas); this
+#: module's update implements them.
+DIAGONAL_RULES = ("paper", "damped", "normalized")
+#: Every ``rule=``: the diagonal ones, and ``block_newton`` (a solve on each tensor's Gauss-Newton
+#: block, :mod:`sgdph_tools.optim.block`).
+RULES = (*DIAGONAL_RULES, "block_newton")
 #: The rule when none is given: ``normalized``, chosen by the study in docs/evidence.md (it ties SGDM
 #: with BatchNorm and beats it without; the paper's rule lost on both nets and diverged on one seed).
 #: ``authors_code=True`` implies the paper's rule.
@@ -25,7 +29,10 @@ DEFAULT_RULE = "normalized"
 #: curvature (0.3: r between 0 and 4.3), the value the study chose on validation in all four of its
 #: ``normalized`` contenders (grid 0.3, 1); for ``damped`` it is an absolute curvature with no
 #: scale-free value -- 0.3 is where the weight-norm study saw SGD-PH train as well as SGDM.
-DEFAULT_EPS = {"paper": 1e-4, "damped": 0.3, "normalized": 0.3}
+DEFAULT_EPS = {"paper": 1e-4, "damped": 0.3, "normalized": 0.3, "block_newton": 1e-3}
+#: τ when none is given: the paper's for its rule (the other diagonal rules do not use it); for
+#: ``block_newton`` the scale of the Newton direction (docs/evidence.md).
+DEFAULT_SO_LR = {"paper": 1e-3, "damped": 1e-3, "normalized": 1e-3, "block_newton": 1e-2}
 
 
 def sgdph(
@@ -76,7 +83,7 @@ def sgdph(
             "sgdph: params, grads, momentum_buffers, hessian_emas, hessians and bias_corrections "
             "must have one entry per parameter"
         )
-    check_choice("rule", rule, RULES)
+    check_choice("rule", rule, DIAGONAL_RULES)
     if eps_in_correction and rule != "paper":
         raise ValueError("eps_in_correction (the authors' code) goes with rule='paper'")
     if foreach is None:

@@ -12,13 +12,14 @@ from .. import checks
 
 #: Settings that hold for the whole optimizer (one engine per step; Hutchinson probes every tensor
 #: at once). They sit in every param group, so they travel with ``state_dict()``; all groups agree.
-OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "gnb_fraction", "authors_code", "seed")
+OPTIMIZER_WIDE = ("estimator", "engine", "hessian_every", "gnb_fraction", "authors_code", "seed", "block_chunks")
 
 
 def check_settings(**values: float) -> None:
     """The constructor's numbers: finite, and in their ranges."""
     for name, value in values.items():
-        checks.number(name, value)
+        if not (name == "block_chunks" and value is None):  # None: one chunk per row
+            checks.number(name, value)
     for name in ("lr", "weight_decay", "so_lr"):
         if name in values and not values[name] >= 0.0:
             raise ValueError(f"invalid {name}: {values[name]} (must be >= 0)")
@@ -27,10 +28,17 @@ def check_settings(**values: float) -> None:
             raise ValueError(f"invalid {name}: {values[name]} (must be in [0, 1))")
     if "eps" in values and not values["eps"] > 0.0:
         raise ValueError(f"invalid eps: {values['eps']} (must be > 0)")
+    for name, least in (("cg_steps", 1), ("block_max", 0), ("block_chunks", 1)):  # counts: integers
+        if name == "block_chunks" and values.get(name, 1) is None:  # None: one chunk per row
+            continue
+        if name in values and (isinstance(values[name], bool) or not isinstance(values[name], int)):
+            raise TypeError(f"{name} must be an integer, got {values[name]!r}")
+        if name in values and values[name] < least:
+            raise ValueError(f"invalid {name}: {values[name]} (must be >= {least})")
 
 
 #: The per-group numbers that check_settings checks: a param group's own values get the same checks.
-GROUP_NUMBERS = ("lr", "momentum", "weight_decay", "so_lr", "hessian_momentum", "eps")
+GROUP_NUMBERS = ("lr", "momentum", "weight_decay", "so_lr", "hessian_momentum", "eps", "cg_steps", "block_max")
 
 
 def renamed_scaler(scaler: torch.amp.GradScaler | None, renamed: dict[str, Any]) -> torch.amp.GradScaler | None:

@@ -15,9 +15,20 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..curvature import ENGINES, ESTIMATORS, AmpScale, Needs, StepCurvature, check_choice
-from ..curvature.capabilities import STOCHASTIC
+from ..curvature.capabilities import DEFAULT_GNB_FRACTION, STOCHASTIC
+from .block import (
+    BLOCK_RULE,
+    DEFAULT_BLOCK_CHUNKS,
+    DEFAULT_BLOCK_MAX,
+    DEFAULT_CG_STEPS,
+    BlockInverses,
+    block_estimates,
+    exact_mode,
+    exactly_solved,
+    keeps_block,
+)
 from .flat import FlatSecondOrder
-from .functional import DEFAULT_EPS, DEFAULT_RULE, RULES, sgdph  # noqa: F401  (sgdph: the old import path)
+from .functional import DEFAULT_EPS, DEFAULT_RULE, DEFAULT_SO_LR, RULES, sgdph  # noqa: F401  (sgdph: old path)
 from .param_groups import second_order_groups
 from .refresh import RefreshSchedule, start_round_robin
 from .settings import GROUP_NUMBERS, OPTIMIZER_WIDE, check_settings, renamed_scaler, upgrade_state_dict
@@ -82,13 +93,16 @@ class SGDPH(Optimizer):
         momentum: momentum β of the gradient buffer (default 0.9).
         weight_decay: λ, coupled for first-order params, added after preconditioning for
             second-order params (default 0).
-        so_lr: second-order learning rate τ (default 1e-3).
+        so_lr: second-order learning rate τ (default per rule: 1e-3; ``block_newton`` 1e-2).
         hessian_momentum: α of the Hessian EMA (default 0.9; ``authors_code`` uses β).
         eps: ε of the rule; default per rule (``DEFAULT_EPS``): ``paper`` 1e-4 (the paper's),
-            ``damped`` 0.3, ``normalized`` 0.3 -- each rule reads ε in its own units (above).
-        rule: ``"normalized"`` (default; ``docs/evidence.md``), ``"paper"`` (Algorithm 1) or
-            ``"damped"``: how the curvature EMA scales the step (above). Per group.
-            ``authors_code`` implies and needs ``"paper"``.
+            ``damped`` 0.3, ``normalized`` 0.3, ``block_newton`` 1e-3 (each in its own units).
+        rule: ``"normalized"`` (default; ``docs/evidence.md``), ``"paper"`` (Algorithm 1),
+            ``"damped"`` (above) or ``"block_newton"``: ``(G_kk + εI)d = buf`` per tensor, θ ← θ -
+            γ(τd + λθ) -- :mod:`sgdph_tools.optim.block` says what estimator (gnb: the block estimate,
+            the default; engine gauss_newton: exact CG), ``gnb_fraction``, ``hessian_momentum`` and
+            ``hessian_every`` mean there; ``cg_steps``, ``block_max``, ``block_chunks`` are its knobs.
+            Per group. ``authors_code`` implies and needs ``"paper"``.
         estimator: ``"rowsum"`` (default here: it needs no model; the paper's ``H_kk·1``; recipes
             default to ``"gnb"`` with ``gnb_fraction=0.25``, ``docs/evidence.md``), ``"hutchinson"``
             (``z ⊙ Hz``, unbiased for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
@@ -161,10 +175,10 @@ class SGDPH(Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         *,
-        so_lr: float = 1e-3,
+        so_lr: float | None = None,
         hessian_momentum: float = 0.9,
         eps: float | None = None,
-        estimator: str = "rowsum",
+        estimator: str | None = None,
         engine: str = "autograd",
         hessian_every: int = 1,
         gnb_fraction: float | None = None,
@@ -173,6 +187,9 @@ class SGDPH(Optimizer):
         seed: int = 0,
         foreach: bool | None = None,
         model: nn.Module | None = None,
+        cg_steps: int = DEFAULT_CG_STEPS,
+        block_max: int = DEFAULT_BLOCK_MAX,
+        block_chunks: int | None = DEFAULT_BLOCK_CHUNKS,
     ):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors or param-group dicts, not one tensor: pass [tensor]")
@@ -180,8 +197,21 @@ class SGDPH(Optimizer):
             rule = "paper" if authors_code else DEFAULT_RULE
         check_choice("rule", rule, RULES)
         eps = DEFAULT_EPS[rule] if eps is None else eps
+        so_lr = DEFAULT_SO_LR[rule] if so_lr is None else so_lr
+        if estimator is None:  # block_newton alone is its cheap mode: the GNB block estimate
+            estimator = "gnb" if rule == BLOCK_RULE else "rowsum"
+            if rule == BLOCK_RULE and gnb_fraction is None and model is not None:
+                gnb_fraction = DEFAULT_GNB_FRACTION
         check_settings(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, so_lr=so_lr, hessian_momentum=hessian_momentum, eps=eps
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            so_lr=so_lr,
+            hessian_momentum=hessian_momentum,
+            eps=eps,
+            cg_steps=cg_steps,
+            block_max=block_max,
+            block_chunks=block_chunks,
         )
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be True, False or None (torch's default), got {foreach!r}")
@@ -226,8 +256,24 @@ class SGDPH(Optimizer):
             authors_code=bool(authors_code),
             rule=rule,
             seed=seed,
+            cg_steps=cg_steps,
+            block_max=block_max,
+            block_chunks=block_chunks,
         )
+        self._inverses: dict[int, BlockInverses] = {}  # block_newton's cached inverses per group (block.py)
         super().__init__(second_order_groups(params, authors_code=authors_code), defaults)
+        self._configure_blocks()
+
+    def _configure_blocks(self) -> None:
+        """``block_newton`` groups need Gauss-Newton curvature; with ``engine="gauss_newton"`` they are
+        solved exactly at every step (the curvature then reads the logits, whatever the estimator)."""
+        self._exact_blocks = exact = exact_mode(self.param_groups, self.estimator, self.engine, self.hessian_every)
+        self.curvature.block_chunks = self.param_groups[0]["block_chunks"]
+        self.curvature.configure(self.estimator, self.engine, self.gnb_fraction, exact)
+
+    @property
+    def gnb_fraction(self) -> float | None:
+        return self.param_groups[0]["gnb_fraction"]
 
     def close(self) -> None:
         """Remove the forward hook the optimizer put on ``model`` (also done when it is collected)."""
@@ -292,11 +338,12 @@ class SGDPH(Optimizer):
                     f"{key} is optimizer-wide: a param group cannot set {key}={param_group[key]!r} "
                     f"(the optimizer's is {self.defaults[key]!r})"
                 )
-        if "rule" in param_group:  # a group with its own rule gets that rule's ε unless it sets one
+        if "rule" in param_group:  # a group with its own rule gets that rule's ε and τ unless it sets them
             check_choice("rule", param_group["rule"], RULES)
             if param_group["rule"] != "paper" and self.defaults["authors_code"]:
                 raise ValueError("authors_code=True is the authors' rule: a param group cannot set another rule")
             param_group.setdefault("eps", DEFAULT_EPS[param_group["rule"]])
+            param_group.setdefault("so_lr", DEFAULT_SO_LR[param_group["rule"]])
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise ValueError("a param group is a dict with 'params', e.g. {'params': [...], 'lr': 0.1}")
         own = {k: param_group[k] for k in GROUP_NUMBERS if k in param_group and param_group[k] is not None}
@@ -307,8 +354,11 @@ class SGDPH(Optimizer):
         groups = [param_group] if "second_order" in param_group else second_order_groups([param_group])
         for group in groups:
             super().add_param_group(group)
+        if hasattr(self, "curvature") and hasattr(self, "_exact_blocks"):  # a later group may bring block_newton
+            self._configure_blocks()
+        for group in groups:
             self._init_state(group)
-        self._flat, self._step_count = {}, None
+        self._flat, self._step_count, self._inverses = {}, None, {}
 
     def _init_state(self, group: dict[str, Any]) -> None:
         """Create the state eagerly, as a step would: torch.distributed.checkpoint builds its load
@@ -319,7 +369,7 @@ class SGDPH(Optimizer):
             if group["momentum"] != 0 and p.requires_grad and "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["second_order"]:
-                second_order_state(self.state, p)
+                second_order_state(self.state, p, keeps_block(group, p, self.defaults["engine"] == "gauss_newton"))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, plus: the checkpoint's optimizer-wide settings replace the constructor's (with a
@@ -341,8 +391,8 @@ class SGDPH(Optimizer):
                 stacklevel=2,
             )
         self.defaults.update(loaded)
-        self._flat, self._step_count = {}, None  # rebuilt from the loaded state
-        self.curvature.configure(loaded["estimator"], loaded["engine"], loaded["gnb_fraction"])
+        self._flat, self._step_count, self._inverses = {}, None, {}  # rebuilt from the loaded state
+        self._configure_blocks()
 
     def _second_order_params(self) -> list[Tensor]:
         return [p for g in self.param_groups if g["second_order"] for p in g["params"]]
@@ -400,14 +450,21 @@ class SGDPH(Optimizer):
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
         hessians: dict[Tensor, Tensor] = {}
+        solved = exactly_solved(self.param_groups) if self._exact_blocks else []
+        product = None
+        if solved:  # block_newton's exact mode: CG on this step's GGN blocks, in the update
+            product = self.curvature.block_product(grads, solved)
         if refreshing:
-            with_grad = [p for p in second_order if p.grad is not None]
+            exempt = set(solved)
+            with_grad = [p for p in second_order if p.grad is not None and p not in exempt]
             refresh = schedule.choose(step, with_grad, self.state, self._one_d_params())
             if refresh:
                 generator = schedule.generator(step) if self.estimator in STOCHASTIC else None
-                hessians = self.curvature.estimate(grads, refresh, generator)
+                blocks = block_estimates(self.param_groups, refresh, self._exact_blocks)
+                hessians = self.curvature.estimate(grads, refresh, generator, blocks)
         with torch.no_grad():
-            updated = [self._update_group(group, hessians, step) for group in self.param_groups]
+            index = {p: k for k, p in enumerate(solved)}
+            updated = [self._update_group(group, hessians, step, product, index) for group in self.param_groups]
         if any(updated):
             self._step_count = step
         if loss_fn is None and self.needs.keeps_graph:  # a caller's backward may hold a graph in .grad
@@ -430,7 +487,9 @@ class SGDPH(Optimizer):
 
     # ------------------------------------------------------------------------- updates
 
-    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int) -> bool:
+    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int, product, index) -> bool:
         """Update one group (:mod:`.update`); True when it has second-order tensors that were updated."""
         one_d = len(self._one_d_params()) if group["authors_code"] else 0
-        return update_group(self.state, group, hessians, step, one_d, self._flat)
+        return update_group(
+            self.state, group, hessians, step, one_d, self._flat, self._inverses, product, index, self._exact_blocks
+        )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as sgd_functional
 
+from .block import BLOCK_RULE, BlockInverses, BlockProduct, block_newton_group, keeps_block
 from .flat import FlatSecondOrder
 from .functional import sgdph
 
@@ -20,10 +21,21 @@ def update_group(
     step: int,
     one_d: int,
     flats: dict[int, FlatSecondOrder | None],
+    inverses: dict[int, BlockInverses] | None = None,
+    product: BlockProduct | None = None,
+    exact_index: dict[Tensor, int] | None = None,
+    exact: bool = False,
 ) -> bool:
     """Update one param group in place; True when it has second-order tensors that were updated.
     ``one_d``: the number of 1-D parameters (the authors' round-robin period); ``flats``: the
-    optimizer's flat state per group, filled here on first use."""
+    optimizer's flat state per group, filled here on first use. ``block_newton`` groups
+    (:mod:`.block`): ``inverses`` their cached block inverses per group, ``product`` and
+    ``exact_index`` the exact mode's block products this step; ``exact``: the exact mode is on."""
+    if group["second_order"] and group.get("rule") == BLOCK_RULE:
+        for p in group["params"]:  # a loaded checkpoint of the other mode, a group added later
+            second_order_state(state, p, keeps_block(group, p, exact))
+        cache = (inverses if inverses is not None else {}).setdefault(id(group), BlockInverses())
+        return block_newton_group(state, group, hessians, cache, product, exact_index or {})
     foreach = True if group["foreach"] is None else group["foreach"]  # on CPU too (fewer Python calls)
     if group["second_order"] and not hessians and foreach:
         flat = flat_for(state, group, flats)
@@ -119,12 +131,18 @@ def flat_for(
     return flats[id(group)]
 
 
-def second_order_state(state: dict[Tensor, dict[str, Any]], p: Tensor) -> dict[str, Any]:
-    """A second-order tensor's state, created where missing (a new group, an old checkpoint)."""
+def second_order_state(state: dict[Tensor, dict[str, Any]], p: Tensor, block: bool = False) -> dict[str, Any]:
+    """A second-order tensor's state, created where missing (a new group, an old checkpoint):
+    ``hessian_ema`` (the curvature's diagonal), or ``hessian_block`` (``[n, n]``) where ``block``."""
     entry = state[p]
     if "step" not in entry:
         entry["step"] = torch.tensor(0.0)  # as torch's Adam: a CPU scalar tensor per parameter
-    if "hessian_ema" not in entry:
+    if block:
+        if "hessian_block" not in entry:
+            n = p.numel()
+            entry["hessian_block"] = torch.zeros(n, n, dtype=p.dtype, device=p.device)
+            entry["hessian_refreshes"] = 0
+    elif "hessian_ema" not in entry:
         entry["hessian_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         entry["hessian_refreshes"] = 0
     return entry

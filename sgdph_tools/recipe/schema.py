@@ -109,8 +109,14 @@ class OptimizerCfg:
     gnb_fraction: float | None = key(0.25, applies_to=SGDPH_ONLY, interval=(0, 1, False, True))
     # the authors' released update rule, step for step (docs/algorithm.md)
     authors_code: bool = key(False, applies_to=SGDPH_ONLY)
-    # how the curvature scales the step; normalized since the study of docs/evidence.md (paper: Algorithm 1)
-    rule: Literal["paper", "damped", "normalized"] = key("normalized", applies_to=SGDPH_ONLY)
+    # how the curvature scales the step; normalized since the study of docs/evidence.md (paper: Algorithm 1);
+    # block_newton: a solve on each tensor's Gauss-Newton block (estimator gnb: its estimate, refreshed every
+    # hessian_every steps; engine gauss_newton: exact, by CG at every step -- hessian_every is read as 1)
+    rule: Literal["paper", "damped", "normalized", "block_newton"] = key("normalized", applies_to=SGDPH_ONLY)
+    cg_steps: int = key(10, applies_to=SGDPH_ONLY, at_least=1)  # block_newton, engine gauss_newton: CG products
+    block_max: int = key(512, applies_to=SGDPH_ONLY, at_least=0)  # block_newton: larger tensors keep a diagonal
+    # block_newton, estimator gnb: the block estimate from this many chunks of rows (null: one per row, per example)
+    block_chunks: int | None = key(None, applies_to=SGDPH_ONLY, at_least=1)
     second_order_kinds: list[str] | None = key(None, applies_to=SGDPH_ONLY)  # None: every channel-wise 1-D kind
     kwargs: dict[str, Any] = key(factory=dict)  # anything else the optimizer takes
 

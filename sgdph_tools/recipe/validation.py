@@ -227,7 +227,14 @@ def check_semantics(recipe: Recipe) -> None:
             f"recipe key 'optimizer.gnb_fraction' applies to optimizer.estimator=gnb only (got {o.gnb_fraction} "
             f"with estimator={o.estimator}): remove it"
         )
-    double_backward = o.name == "sgdph" and needs(o.estimator, o.engine).double_backward
+    if o.name == "sgdph" and o.rule == "block_newton" and o.estimator != "gnb" and o.engine != "gauss_newton":
+        raise UserError(
+            f"optimizer.rule=block_newton needs Gauss-Newton curvature, not estimator={o.estimator} with "
+            f"engine={o.engine}: set optimizer.estimator=gnb (the block estimate) or "
+            "optimizer.engine=gauss_newton (exact)"
+        )
+    exact_blocks = o.name == "sgdph" and o.rule == "block_newton" and o.engine == "gauss_newton"
+    double_backward = o.name == "sgdph" and needs(o.estimator, o.engine, exact_blocks=exact_blocks).double_backward
     if t.compile and (o.name == "adahessian" or double_backward):
         raise UserError(
             "trainer.compile=true needs an optimizer without double backward, which torch.compile cannot "
@@ -237,11 +244,14 @@ def check_semantics(recipe: Recipe) -> None:
 
 
 def resolve_sgdph_choices(o: OptimizerCfg) -> None:
-    """The one home of two reading rules, applied in place: ``authors_code`` is the paper's rowsum
-    refreshed every step (the default estimator and interval are read as that), and ``gnb_fraction``
+    """The one home of three reading rules, applied in place: ``authors_code`` is the paper's rowsum
+    refreshed every step (the default estimator and interval are read as that), block_newton's exact
+    mode solves every step (``hessian_every`` is read as 1), and ``gnb_fraction``
     belongs to gnb (another estimator has none). Recipes apply it when loaded, so recorded recipes say
     what ran; the optimizer builder applies it to a config made directly."""
     if o.authors_code:
         o.estimator, o.hessian_every = "rowsum", 1
+    if o.rule == "block_newton" and o.engine == "gauss_newton":  # the exact blocks are solved at every step
+        o.hessian_every = 1
     if o.estimator != "gnb":
         o.gnb_fraction = None

@@ -63,6 +63,9 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             gnb_fraction=cfg.gnb_fraction,
             authors_code=cfg.authors_code,
             rule=None if cfg.authors_code else cfg.rule,  # None: SGDPH's own choice, the paper's rule for authors_code
+            cg_steps=cfg.cg_steps,
+            block_max=cfg.block_max,
+            block_chunks=cfg.block_chunks,
             model=model,
             **extra,
         )

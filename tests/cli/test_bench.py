@@ -12,6 +12,7 @@ FIELDS = {
     "hessian_every",
     "gnb_fraction",
     "full_forward",
+    "rule",
     "time_ratio_rounds",
     "step_ms",
     "peak_mb",
@@ -34,9 +35,11 @@ def test_bench_measures_every_mode_against_sgdm(tmp_path):
     sgdph_modes = {
         (r["estimator"], r["engine"], r["hessian_every"], r["gnb_fraction"], r["full_forward"])
         for r in records
-        if r["optimizer"] == "sgdph"
+        if r["optimizer"] == "sgdph" and r["rule"] is None
     }
     assert len(sgdph_modes) == 18 and ("rowsum", "finite_difference", 1, None, True) in sgdph_modes
+    blocks = {(r["hessian_every"], r["gnb_fraction"]) for r in records if r["rule"] == "block_newton"}
+    assert blocks == {(1, 0.25), (10, 0.25)}
     sgdph_modes = {m[:4] for m in sgdph_modes}
     assert ("gnb", None, 10, None) in sgdph_modes and ("gnb", None, 1, 0.25) in sgdph_modes
     assert ("rowsum", "gauss_newton", 1, None) in sgdph_modes
@@ -45,6 +48,7 @@ def test_bench_measures_every_mode_against_sgdm(tmp_path):
         assert abs(r["time_ratio"] - r["step_ms"] / records[0]["step_ms"]) < 1e-9
     assert "sgdph gnb, every 10" in result.stdout and "sgdph gnb, batch x 0.25, every 1" in result.stdout
     assert "sgdph rowsum, finite_difference, full forward, every 1" in result.stdout
+    assert "sgdph block_newton, gnb" in result.stdout
 
 
 def test_bench_only_measures_the_modes_asked_for_and_sgdm(tmp_path):

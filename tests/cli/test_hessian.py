@@ -43,6 +43,17 @@ def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path
         if r["estimator"] in ("hutchinson", "gnb"):
             assert r["draws"] == 3  # convergence of the means: tests/test_gauss_newton.py, tests/test_hessian.py
     assert "estimates against their exact target" in result.stdout
+    # Preconditioning: the exact block solves its own quadratic model best (efficiency 1, P⁻¹A = I); every
+    # other model gets at most that, and each tensor lists SGD, the diagonals and the GNB blocks (1, 8, 8 chunks)
+    models = {}
+    for r in report["preconditioning"]:
+        models.setdefault(r["tensor"], {})[r["model"]] = r
+    assert set(models) == {"features.0.1.weight", "features.0.1.bias"}
+    for per_model in models.values():
+        assert abs(per_model["exact block"]["efficiency"] - 1) < 1e-9
+        assert abs(per_model["exact block"]["condition"] - 1) < 1e-6
+        assert all(0 < r["efficiency"] <= 1 + 1e-9 and r["condition"] >= 1 - 1e-9 for r in per_model.values())
+        assert {"sgd (P = I)", "exact diagonal", "gnb block, 1 chunk", "gnb block, 8 chunks"} <= set(per_model)
     # The same command again gives the same report: the model's initialisation is seeded too.
     again = tmp_path / "again.json"
     sgdph(*FLOAT64_REPORT, str(again))

@@ -112,3 +112,16 @@ def test_dry_run_rejects_what_training_would_reject_and_prints_only_valid_recipe
     # a converted model on 1-channel data: the conversion's example input has the model's channels
     result = invoke("train", QUICK, "--dry-run", "model.name=small_cnn_nobn", "model.conversion.wn=true")
     assert result.exit_code == 0 and "valid" in result.output, result.output
+
+
+def test_block_newton_recipes_train_to_completion(tmp_path):
+    """Both ways to get the blocks through the trainer: the cheap estimate (default) and the exact CG."""
+    for name, extra in (("cheap", []), ("exact", ["optimizer.engine=gauss_newton", "optimizer.cg_steps=2"])):
+        result = invoke(
+            "train", QUICK, "trainer.epochs=1", "optimizer.rule=block_newton", "optimizer.so_lr=0.01",
+            f"trainer.output_dir={tmp_path}", f"trainer.name={name}", *extra,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "epoch 1/1" in result.output
+        state = torch.load(tmp_path / name / "last.pt", weights_only=False)["optimizer"]["state"]
+        assert any("hessian_block" in s for s in state.values()) == (name == "cheap")
