@@ -10,8 +10,10 @@ Protocol (the same for every contender, so that no contender gets more tuning th
 
 - Stage 1 tunes: each contender's grid has 6 configurations (lr x weight decay for SGDM and AdamW;
   SGD-PH keeps SGDM's weight decay and spends half of its budget on its own knob, τ for the paper's
-  rule, ε for the others), one seed (0), selected on the validation split's top-1 at the last epoch.
-  Where the chosen lr is the grid's largest or smallest, the grid is extended once by the next lr
+  rule, ε for the others; the block-diagonal Hessian-free baseline, whose lr is 1 -- its solved step --
+  tunes its initial damping λ in place of lr), one seed (0), selected on the validation split's top-1
+  at the last epoch.
+  Where the chosen lr (λ) is the grid's largest or smallest, the grid is extended once by the next value
   in that direction (same ratio, with each value of the other axis: 2 more configurations) and the
   choice is made again over both -- the same rule for every contender.
 - Stage 2 evaluates: the chosen configuration runs seeds 1-3 (seed 0 is stage 1's run), and the
@@ -109,7 +111,25 @@ CONTENDERS = {
         ],
         "optimizer.so_lr=0.003,0.01",
     ),
+    # the same blocks at SGD's step length per tensor (ε relative to the block's mean diagonal): does the block's
+    # direction help once the Newton step's size (0.03-6x SGD's across tensors under block_newton) is taken out?
+    "ph-block-normalized": (
+        "sgdph",
+        [
+            "optimizer.rule=block_normalized",
+            "optimizer.estimator=gnb",
+            "optimizer.gnb_fraction=0.25",
+            "optimizer.hessian_every=10",
+        ],
+        "optimizer.eps=0.01,0.1",
+    ),
+    # the block-diagonal Hessian-free baseline (issue 25): lr 1 (the solved step itself, its recipes' value);
+    # its step-size knob is the initial damping λ (then adapted by Levenberg-Marquardt), tuned with weight decay
+    "block-hf": ("block_hf", [], None),
 }
+#: the axis a contender's step size is tuned on, which stage 1 extends past its grid's edge
+STEP_AXIS = {"block-hf": "optimizer.damping"}
+DAMPINGS = "0.1,1,10"
 
 
 def sweeps(root: Path) -> list[tuple[str, Path, list[str]]]:
@@ -121,6 +141,8 @@ def sweeps(root: Path) -> list[tuple[str, Path, list[str]]]:
                 recipe = RECIPES / bench / f"{bench}_{net}_{suffix}.yaml"
                 if contender == "adamw":
                     axes = ["optimizer.lr=0.001,0.003,0.01", "optimizer.weight_decay=0.01,0.1"]
+                elif contender in STEP_AXIS:
+                    axes = [*fixed, f"{STEP_AXIS[contender]}={DAMPINGS}", f"optimizer.weight_decay={wds}"]
                 else:
                     # the fixed overrides come first: that is the order the study's runs were named in
                     axes = [*fixed, f"optimizer.lr={lrs}", knob or f"optimizer.weight_decay={wds}"]
@@ -142,18 +164,19 @@ def in_grid(config: dict, axes: list[str]) -> bool:
 
 
 def lr_extension(axes: list[str], config: dict) -> list[str] | None:
-    """The axes of one more lr step past the grid's edge when ``config`` (the grid's choice) sits on
-    it; None when it is inside."""
-    index = next(i for i, a in enumerate(axes) if a.startswith("optimizer.lr="))
+    """The axes of one more step-size step (lr; the damping for block-hf, ``STEP_AXIS``) past the
+    grid's edge when ``config`` (the grid's choice) sits on it; None when it is inside."""
+    key = "optimizer.lr" if any(a.startswith("optimizer.lr=") for a in axes) else "optimizer.damping"
+    index = next(i for i, a in enumerate(axes) if a.startswith(f"{key}="))
     lrs = [load_yaml(v) for v in axes[index].split("=", 1)[1].split(",")]
     ratio = lrs[1] / lrs[0]
-    if config["optimizer.lr"] == max(lrs):
+    if config[key] == max(lrs):
         step = max(lrs) * ratio
-    elif config["optimizer.lr"] == min(lrs):
+    elif config[key] == min(lrs):
         step = min(lrs) / ratio
     else:
         return None
-    return [*axes[:index], f"optimizer.lr={step:.4g}", *axes[index + 1 :]]
+    return [*axes[:index], f"{key}={step:.4g}", *axes[index + 1 :]]
 
 
 def stage1_grids(folder: Path, axes: list[str]) -> list[list[str]]:

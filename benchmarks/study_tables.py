@@ -36,6 +36,7 @@ def _fmt(values: list[float]) -> str:
 
 def _short(config: dict) -> str:
     names = {"optimizer.lr": "lr", "optimizer.weight_decay": "wd", "optimizer.so_lr": "τ", "optimizer.eps": "ε"}
+    names["optimizer.damping"] = "λ"  # block-hf's initial damping
     return ", ".join(f"{names[k]} {v:g}" for k, v in config.items() if k in names)
 
 

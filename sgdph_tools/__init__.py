@@ -6,7 +6,7 @@ project's models (``resnet18_cifar``, ``vgg19_nobn``, ``small_cnn``, ...) with t
 
 from . import models  # noqa: F401  (registers the models with timm)
 from .curvature import gauss_newton_bartlett, ggn_vector_product, partial_hessian
-from .optim import SGDPH, register_with_timm, sgdph_param_groups
+from .optim import SGDPH, BlockHessianFree, register_with_timm, sgdph_param_groups
 from .tagging import ParamTag, tag_parameters
 from .version import __version__
 
@@ -14,6 +14,7 @@ register_with_timm()
 
 __all__ = [
     "SGDPH",
+    "BlockHessianFree",
     "ParamTag",
     "gauss_newton_bartlett",
     "ggn_vector_product",

@@ -49,18 +49,22 @@ GNB_FRACTIONS = (0.25,)
 
 @dataclass(frozen=True)
 class Mode:
-    optimizer: str  # sgdm, adamw, adahessian, sgdph
+    optimizer: str  # sgdm, adamw, adahessian, sgdph, block_hf
     estimator: str | None = None
     engine: str | None = None
     hessian_every: int | None = None
-    gnb_fraction: float | None = None
+    gnb_fraction: float | None = None  # block_hf: its curvature mini-batch (curvature_fraction)
     # finite differences along one tensor: run the whole perturbed forward instead of reusing the
     # activations below the tensor's layer (the optimizer's default; measured against it)
     full_forward: bool = False
     rule: str | None = None  # None: SGDPH's default rule; block_newton: its block estimate
+    cg_iters: int | None = None  # block_hf: CG products per block and step, at most
 
     @property
     def label(self) -> str:
+        if self.optimizer == "block_hf":
+            curvature = f", curvature batch x {self.gnb_fraction:g}" if self.gnb_fraction else ""
+            return f"block_hf, cg {self.cg_iters}{curvature}"
         if self.optimizer != "sgdph":
             return self.optimizer
         how = [self.engine] if self.engine else [f"batch x {self.gnb_fraction:g}"] if self.gnb_fraction else []
@@ -77,6 +81,8 @@ def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
         modes += [Mode("sgdph", "rowsum", "finite_difference", k, full_forward=True)]
         # block_newton's cheap mode (its exact mode costs #tensors x cg_steps GGN products a step: not a row)
         modes += [Mode("sgdph", "gnb", None, k, f, rule="block_newton") for f in GNB_FRACTIONS]
+    # the block-diagonal Hessian-free baseline: its own cost, #layers x cg_iters GGN products a step
+    modes += [Mode("block_hf", gnb_fraction=0.25, cg_iters=10)]
     return modes
 
 
@@ -121,8 +127,10 @@ def _rss_mb() -> float:
 def _build(mode: Mode, model):
     from timm.optim import Adahessian
 
-    from .optim import SGDPH, sgdph_param_groups
+    from .optim import SGDPH, BlockHessianFree, sgdph_param_groups
 
+    if mode.optimizer == "block_hf":
+        return BlockHessianFree(model, cg_max_iters=mode.cg_iters, curvature_fraction=mode.gnb_fraction)
     if mode.optimizer == "sgdm":
         return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if mode.optimizer == "adamw":
@@ -151,7 +159,7 @@ def _measure(mode: Mode, s: Settings) -> dict:
 
     import sgdph_tools  # noqa: F401  (registers the project's models)
 
-    from .optim import SGDPH
+    from .optim import SGDPH, BlockHessianFree
 
     warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
 
@@ -169,13 +177,20 @@ def _measure(mode: Mode, s: Settings) -> dict:
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss, logits = loss_and_logits()
+        loss.backward(create_graph=mode.optimizer == "adahessian")
+        return loss, logits
+
     def step():
         if isinstance(opt, SGDPH):
             opt.step(loss_fn=loss_and_logits)
-            return
-        opt.zero_grad(set_to_none=True)
-        loss_and_logits()[0].backward(create_graph=mode.optimizer == "adahessian")
-        opt.step()
+        elif isinstance(opt, BlockHessianFree):
+            opt.step(closure)  # it calls the closure again at the new parameters
+        else:
+            closure()
+            opt.step()
 
     cuda = device.type == "cuda"
     if cuda:

@@ -287,3 +287,23 @@ def test_block_newton_recipes_need_gauss_newton_curvature_and_the_exact_mode_sol
         recipe_from_dict({}, ["optimizer.rule=block_newton", "optimizer.estimator=rowsum"])
     with pytest.raises(UserError, match="cg_steps"):
         recipe_from_dict({}, ["optimizer.cg_steps=0"])
+    assert recipe_from_dict({}, ["optimizer.rule=block_normalized"]).optimizer.estimator == "gnb"
+    with pytest.raises(UserError, match="block_normalized takes its damping relative"):
+        recipe_from_dict({}, ["optimizer.rule=block_normalized", "optimizer.engine=gauss_newton"])
+
+
+def test_block_hf_recipes_take_their_own_keys_and_reject_what_they_cannot_run():
+    o = recipe_from_dict({}, ["optimizer.name=block_hf", "optimizer.lr=1.0"]).optimizer
+    assert (o.damping, o.adapt_damping, o.cg_max_iters, o.cg_tol, o.backtracking, o.curvature_fraction) == (
+        1.0, True, 20, 1e-3, False, None,
+    )  # fmt: skip
+    with pytest.raises(UserError, match="'optimizer.so_lr' does not apply to optimizer.name=block_hf.*takes:.*damping"):
+        recipe_from_dict({"optimizer": {"name": "block_hf", "so_lr": 0.1}})
+    with pytest.raises(UserError, match="'optimizer.damping' does not apply to optimizer.name=sgd"):
+        recipe_from_dict({"optimizer": {"name": "sgd", "damping": 0.1}})
+    with pytest.raises(UserError, match="weight_decay_1d does not apply to optimizer.name=block_hf"):
+        recipe_from_dict({}, ["optimizer.name=block_hf", "optimizer.weight_decay_1d=0"])
+    with pytest.raises(UserError, match="block_hf cannot run with trainer.precision=fp16"):
+        recipe_from_dict({}, ["optimizer.name=block_hf", "trainer.precision=fp16"])
+    with pytest.raises(UserError, match="'optimizer.curvature_fraction' must be in"):
+        recipe_from_dict({}, ["optimizer.name=block_hf", "optimizer.curvature_fraction=0"])

@@ -10,8 +10,8 @@ all precision): it returns the iterate it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +28,10 @@ class CGResult:
     iterations: int
     #: the residual's norm relative to ``b``'s at the end
     relative_residual: float
+    #: the residual ``b − (M + λI)x`` itself (the quadratic's value at x is ``−½ xᵀ(b + r)``)
+    residual: Tensor | None = None
+    #: with ``keep_at``: copies of the iterate after those iteration counts, and after the last one
+    iterates: dict[int, Tensor] = field(default_factory=dict)
 
 
 def conjugate_gradient(
@@ -38,12 +42,15 @@ def conjugate_gradient(
     max_iters: int,
     tol: float | None = None,
     x0: Tensor | None = None,
+    keep_at: Collection[int] = (),
 ) -> CGResult:
     """Solve ``(M + damping·I) x = b`` for ``x`` (``b``'s shape), ``product(v) = M v``.
 
     Stops after ``max_iters`` products, or when ``|r| ≤ tol·|b|`` (``tol`` default:
     :func:`default_tolerance`), or when a search direction has no positive finite curvature. ``x0``
-    starts CG from a previous solution (warm start). Each iteration reads two scalars on the host
+    starts CG from a previous solution (warm start; its residual costs one more product). ``keep_at``:
+    iteration counts after which a copy of the iterate is kept (Martens' backtracking over CG
+    iterates). Each iteration reads two scalars on the host
     (the stopping tests): this is a reference solver, not a hot path."""
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
@@ -58,10 +65,12 @@ def conjugate_gradient(
     r = b - damped(x) if x0 is not None else b.clone()
     b_norm = float(b.norm())
     if b_norm == 0.0:
-        return CGResult(torch.zeros_like(b), 0, 0.0)
+        zero = torch.zeros_like(b)
+        return CGResult(zero, 0, 0.0, torch.zeros_like(b), {0: zero.clone()} if keep_at else {})
     rr = float(torch.dot(r.reshape(-1), r.reshape(-1)))
     direction = r.clone()
     iterations = 0
+    kept: dict[int, Tensor] = {}
     while iterations < max_iters and rr**0.5 > tol * b_norm:
         m_direction = damped(direction)
         curvature = float(torch.dot(direction.reshape(-1), m_direction.reshape(-1)))
@@ -74,4 +83,8 @@ def conjugate_gradient(
         direction.mul_(rr_next / rr).add_(r)
         rr = rr_next
         iterations += 1
-    return CGResult(x, iterations, rr**0.5 / b_norm)
+        if iterations in keep_at:
+            kept[iterations] = x.clone()
+    if keep_at and iterations not in kept:
+        kept[iterations] = x.clone()  # the last iterate, when it stopped between the kept counts
+    return CGResult(x, iterations, rr**0.5 / b_norm, r, kept)

@@ -30,16 +30,14 @@ reject ``label_smoothing`` with them where the project sets it (nothing does yet
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
-from .replay import gradients_only_for, module_buffers_restored, rng_preserved
+from .recorded import RecordedForward
 
 __all__ = [
     "gauss_newton_bartlett",
@@ -193,34 +191,19 @@ def ggn_vector_product(logits: Tensor, params: Sequence[Tensor], vectors: Sequen
     return engine(dict(enumerate(vectors)), range(len(params)))
 
 
-class SubBatchGNB:
+class SubBatchGNB(RecordedForward):
     """Gauss-Newton-Bartlett from the model's own forward on a leading fraction of the batch.
 
-    A forward pre-hook on ``model`` records the inputs of its latest forward in train mode while
-    ``enabled`` is true (references, no copy); :meth:`remove` takes the hook off. The hook holds this
-    object and the model only, so whoever owns it (the optimizer) can be collected while the model
-    lives. :meth:`estimate` slices every input tensor whose first dimension is the batch to its first
-    ``b = max(2, round(fraction·B))`` rows, runs the model on them with only ``params`` requiring
-    gradients (the backward computes no weight gradient), and returns ``b·ĝ⊙ĝ``: unbiased for the GGN
-    diagonal of those b examples. What the training run sees is untouched: BatchNorm buffers are put
-    back, the global RNG (dropout) is restored, the recorded autocast is re-entered, and under
-    ``DistributedDataParallel`` or ``torch.compile`` the
-    wrapped module runs (no reducer, no recompilation for the smaller batch).
+    The model's latest train-mode inputs are recorded (:class:`~.recorded.RecordedForward`: a
+    forward pre-hook, references, no copy); :meth:`estimate` runs the model again on their first
+    ``b = max(2, round(fraction·B))`` rows with only ``params`` requiring gradients (the backward
+    computes no weight gradient) and returns ``b·ĝ⊙ĝ``: unbiased for the GGN diagonal of those b
+    examples. What the training run sees is untouched (buffers, RNG, autocast, DDP and compile
+    wrappers: see :meth:`~.recorded.RecordedForward.rerun`).
     """
 
-    def __init__(self, model: torch.nn.Module, buffers: Sequence[Tensor] = (), enabled: bool = True):
-        self.buffers, self.enabled = list(buffers), enabled
-        self.module = _unwrapped(model)
-        self._inputs: tuple[tuple, dict, tuple[str, bool, torch.dtype] | None] | None = None
-        self._running = False
-        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if module.training and not self._running and self.enabled:
-            self._inputs = (args, kwargs, _autocast_state(args, kwargs))
-
-    def remove(self) -> None:
-        self._handle.remove()
+    purpose = "gnb_fraction"
+    logits_hint = "; leave gnb_fraction unset and return (loss, logits) from loss_fn instead"
 
     def estimate(
         self, params: Sequence[Tensor], fraction: float, generator: torch.Generator | None = None
@@ -238,90 +221,7 @@ class SubBatchGNB:
         """``(ĝ, b)``: the sub-batch's sampled-label gradients and its size (:func:`bartlett_gradients`);
         with ``chunks`` (an int, or None: one per row), per-chunk gradients instead (:func:`bartlett_rows`)."""
         params = _check_params(params)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"invalid gnb_fraction: {fraction} (must be in (0, 1])")
-        if self._inputs is None:
-            raise RuntimeError(
-                "gnb_fraction: the model has not run a forward in train mode since it was given to "
-                "the optimizer; the sub-batch is taken from that forward's inputs"
-            )
-        args, kwargs, autocast = self._inputs
-        batch = _batch_size(args, kwargs)
-        rows = min(batch, max(2, round(fraction * batch)))
-        args, kwargs = _leading_rows((args, kwargs), batch, rows)
-        autocast_ctx = (
-            torch.autocast(autocast[0], dtype=autocast[2], enabled=autocast[1])
-            if autocast is not None
-            else contextlib.nullcontext()
-        )
-        self._running = True  # the forward below is ours: not recorded
-        try:
-            with (
-                gradients_only_for(self.module.parameters(), params),
-                rng_preserved({p.device for p in params}),
-                module_buffers_restored(self.buffers),
-                torch.enable_grad(),
-            ):
-                with autocast_ctx:
-                    logits = self.module(*args, **kwargs)
-                if not isinstance(logits, Tensor) or logits.ndim != 2:
-                    raise ValueError(
-                        "gnb_fraction needs a model whose forward returns [batch, classes] logits; "
-                        "leave gnb_fraction unset and return (loss, logits) from loss_fn instead"
-                    )
-                if chunks is not False:
-                    return bartlett_rows(logits, params, chunks, generator)
-                return bartlett_gradients(logits, params, generator)
-        finally:
-            self._running = False
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to run the sub-batch through: past DDP's reducer and torch.compile's wrapper."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _tensors(inputs: Any) -> list[Tensor]:
-    if isinstance(inputs, Tensor):
-        return [inputs]
-    if isinstance(inputs, (list, tuple)):
-        return [t for x in inputs for t in _tensors(x)]
-    if isinstance(inputs, dict):
-        return [t for x in inputs.values() for t in _tensors(x)]
-    return []
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int:
-    batched = [t for t in _tensors((args, kwargs)) if t.ndim >= 1]
-    if not batched:
-        raise ValueError("gnb_fraction: the model's forward took no tensor input to take a sub-batch from")
-    return batched[0].shape[0]
-
-
-def _leading_rows(inputs: Any, batch: int, rows: int) -> Any:
-    """Every tensor whose first dimension is the batch, cut to its first ``rows`` rows."""
-    if isinstance(inputs, Tensor):
-        return inputs[:rows] if inputs.ndim >= 1 and inputs.shape[0] == batch else inputs
-    if isinstance(inputs, tuple):
-        return tuple(_leading_rows(x, batch, rows) for x in inputs)
-    if isinstance(inputs, list):
-        return [_leading_rows(x, batch, rows) for x in inputs]
-    if isinstance(inputs, dict):
-        return {k: _leading_rows(v, batch, rows) for k, v in inputs.items()}
-    return inputs
-
-
-def _autocast_state(args: tuple, kwargs: dict) -> tuple[str, bool, torch.dtype] | None:
-    tensors = _tensors((args, kwargs))
-    if not tensors:
-        return None
-    device = tensors[0].device.type
-    if device not in ("cpu", "cuda"):
-        return None
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        with self.rerun(params, fraction) as (logits, _):
+            if chunks is not False:
+                return bartlett_rows(logits, params, chunks, generator)
+            return bartlett_gradients(logits, params, generator)

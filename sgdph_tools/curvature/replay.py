@@ -214,6 +214,21 @@ class ClosureReplay(ForwardReplay):
             for p, g in zip(self.params, saved):
                 p.grad = g
 
+    def again_loss(self, sync: Callable[[], contextlib.AbstractContextManager] | None = None):
+        """Call the closure again as ``first()`` did (its RNG; buffers restored after) and return what
+        it returns -- the loss at the parameters as they are now; the real gradients are kept aside.
+        ``sync`` (default: the replay's own) is entered around the call: e.g. ``no_sync`` of a DDP
+        module whose first call did reduce the gradients."""
+        saved = [p.grad for p in self.params]
+        try:
+            for p in self.params:
+                p.grad = None
+            with self.replaying(reuse=False), (sync or self.sync)():
+                return self.loss_fn()
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
 
 def _scalar_loss(loss) -> Tensor:
     if not isinstance(loss, Tensor) or loss.numel() != 1:

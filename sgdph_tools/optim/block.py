@@ -39,6 +39,12 @@ from torch import Tensor
 from ..curvature.cg import conjugate_gradient
 
 BLOCK_RULE = "block_newton"
+#: The same blocks, scale-free (as ``normalized`` is for the diagonal): the damped block solve with ε
+#: relative to the block's mean diagonal gives the direction, SGD's step its length (|step| = |m| per
+#: tensor; τ unused). block_newton's τ·d has no natural size: measured, it ranges 0.03-6x SGD's step
+#: across the tensors of one net (docs/evidence.md).
+NORMALIZED_BLOCK_RULE = "block_normalized"
+BLOCK_RULES = (BLOCK_RULE, NORMALIZED_BLOCK_RULE)
 #: Largest tensor (entries) whose whole block the cheap mode keeps: every 1-D tensor of resnet18_cifar
 #: (64-512 channels); on resnet50 the 1024- and 2048-channel tensors keep their diagonal.
 DEFAULT_BLOCK_MAX = 512
@@ -55,16 +61,26 @@ DEFAULT_BLOCK_CHUNKS = None
 BlockProduct = Callable[[int, Tensor], Tensor]
 
 
+def is_block_group(group: dict[str, Any]) -> bool:
+    """Whether the group's second-order tensors take a block rule."""
+    return bool(group["second_order"]) and group.get("rule") in BLOCK_RULES
+
+
 def keeps_block(group: dict[str, Any], p: Tensor, exact: bool) -> bool:
     """Whether ``p`` keeps a dense curvature block in its state (cheap mode, small enough)."""
-    return group.get("rule") == BLOCK_RULE and not exact and p.numel() <= group["block_max"]
+    return group.get("rule") in BLOCK_RULES and not exact and p.numel() <= group["block_max"]
 
 
 def exact_mode(groups: list[dict[str, Any]], estimator: str, engine: str, hessian_every: int) -> bool:
     """Whether ``block_newton`` groups are solved exactly (``engine="gauss_newton"``); checks that the
     optimizer-wide choices give them Gauss-Newton curvature."""
-    blocks = any(g["second_order"] and g.get("rule") == BLOCK_RULE for g in groups)
+    blocks = any(is_block_group(g) for g in groups)
     exact = blocks and engine == "gauss_newton"
+    if exact and any(is_block_group(g) and g["rule"] == NORMALIZED_BLOCK_RULE for g in groups):
+        raise ValueError(
+            "rule='block_normalized' takes its damping relative to the block's estimated diagonal: use "
+            "estimator='gnb' (the block estimate), or rule='block_newton' for the exact CG solve"
+        )
     if blocks and not exact and estimator != "gnb":
         raise ValueError(
             f"rule='block_newton' needs Gauss-Newton curvature, not estimator={estimator!r} with "
@@ -80,18 +96,12 @@ def exact_mode(groups: list[dict[str, Any]], estimator: str, engine: str, hessia
 
 def exactly_solved(groups: list[dict[str, Any]]) -> list[Tensor]:
     """The tensors the exact mode solves this step (those with a gradient)."""
-    return [
-        p
-        for g in groups
-        if g["second_order"] and g.get("rule") == BLOCK_RULE
-        for p in g["params"]
-        if p.grad is not None
-    ]
+    return [p for g in groups if is_block_group(g) for p in g["params"] if p.grad is not None]
 
 
 def block_estimates(groups: list[dict[str, Any]], refresh: list[Tensor], exact: bool) -> list[bool] | None:
     """Which of ``refresh`` get a whole-block estimate (the cheap mode); None: none do."""
-    block_groups = [g for g in groups if g["second_order"] and g.get("rule") == BLOCK_RULE]
+    block_groups = [g for g in groups if is_block_group(g)]
     if not block_groups:
         return None
     keeps = {p for g in block_groups for p in g["params"] if keeps_block(g, p, exact)}
@@ -107,7 +117,10 @@ class BlockInverses:
         self.valid = False
         self.stacks: list[tuple[list[Tensor], Tensor]] = []
 
-    def rebuild(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor], alpha: float, eps: float) -> None:
+    def rebuild(
+        self, state: dict[Tensor, dict[str, Any]], params: list[Tensor], alpha: float, eps: float, relative: bool
+    ) -> None:
+        """``relative``: ε in units of each block's mean diagonal (``block_normalized``)."""
         by_shape: dict[tuple, list[Tensor]] = {}
         for p in params:
             by_shape.setdefault((p.numel(), p.device, p.dtype), []).append(p)
@@ -116,6 +129,9 @@ class BlockInverses:
             blocks = torch.stack(
                 [state[p]["hessian_block"].double() / (1 - alpha ** state[p]["hessian_refreshes"]) for p in members]
             )
+            if relative:  # Ĝ / mean(diag Ĝ): a block of zeros (an unused tensor) stays zero
+                scale = blocks.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(blocks.dtype).tiny)
+                blocks = blocks / scale[:, None, None]
             blocks.diagonal(dim1=-2, dim2=-1).add_(eps)
             factor, info = torch.linalg.cholesky_ex(blocks)
             # A host read at a refresh only: a block the float64 Cholesky cannot factor (it is PSD plus
@@ -144,6 +160,7 @@ def block_newton_group(
     if not params:
         return False
     momentum, lr, wd, so_lr, eps = (group[k] for k in ("momentum", "lr", "weight_decay", "so_lr", "eps"))
+    normalized = group["rule"] == NORMALIZED_BLOCK_RULE
     alpha = group["hessian_momentum"]
     bufs = _momentum_buffers(state, params, momentum)
     states = [state[p] for p in params]
@@ -158,22 +175,28 @@ def block_newton_group(
                 damping=eps,
                 max_iters=group["cg_steps"],
             )
-            directions.append(solved.solution.view_as(p).mul_(so_lr))
+            directions.append(solved.solution.view_as(p).mul_(so_lr))  # exact: block_newton only
     else:
         _average_fresh(states, [hessians.get(p) for p in params], alpha, inverses)
         if not inverses.valid:
             blocked = [p for p in group["params"] if "hessian_block" in state[p] and state[p]["hessian_refreshes"]]
-            inverses.rebuild(state, blocked, alpha, eps)
+            inverses.rebuild(state, blocked, alpha, eps, relative=normalized)
         solved = _apply_inverses(inverses, dict(zip(params, bufs)))
         for p, m, s in zip(params, bufs, states):
+            if s["hessian_refreshes"] == 0:
+                directions.append(m.clone())  # no curvature yet: SGD's step
+                continue
             if p in solved:
-                d = solved[p].mul_(so_lr)
-            elif s["hessian_refreshes"] == 0:
-                d = m.clone()  # no curvature yet: SGD's step
+                d = solved[p]
             else:  # above block_max: the block's diagonal
                 curvature = s["hessian_ema"] / (1 - alpha ** s["hessian_refreshes"])
-                d = m.div(curvature.add_(eps)).mul_(so_lr)
-            directions.append(d)
+                if normalized:
+                    curvature.div_(curvature.mean().clamp_min(torch.finfo(curvature.dtype).tiny))
+                d = m.div(curvature.add_(eps))
+            # block_normalized: SGD's length, |d| = |m| (norms on the device: no host read)
+            directions.append(
+                d.mul_(m.norm() / d.norm().clamp_min(torch.finfo(d.dtype).tiny)) if normalized else d.mul_(so_lr)
+            )
     if wd != 0:
         torch._foreach_add_(directions, params, alpha=wd)
     torch._foreach_add_(params, directions, alpha=-lr)

@@ -18,9 +18,9 @@ __all__ = ["sgdph", "step_denominators", "RULES", "DIAGONAL_RULES", "DEFAULT_RUL
 #: How a diagonal curvature EMA turns into a step (the class docstring gives the formulas); this
 #: module's update implements them.
 DIAGONAL_RULES = ("paper", "damped", "normalized")
-#: Every ``rule=``: the diagonal ones, and ``block_newton`` (a solve on each tensor's Gauss-Newton
-#: block, :mod:`sgdph_tools.optim.block`).
-RULES = (*DIAGONAL_RULES, "block_newton")
+#: Every ``rule=``: the diagonal ones, ``block_newton`` (a solve on each tensor's Gauss-Newton block,
+#: :mod:`sgdph_tools.optim.block`) and ``block_normalized`` (the same direction at SGD's length).
+RULES = (*DIAGONAL_RULES, "block_newton", "block_normalized")
 #: The rule when none is given: ``normalized``, chosen by the study in docs/evidence.md (it ties SGDM
 #: with BatchNorm and beats it without; the paper's rule lost on both nets and diverged on one seed).
 #: ``authors_code=True`` implies the paper's rule.
@@ -29,10 +29,12 @@ DEFAULT_RULE = "normalized"
 #: curvature (0.3: r between 0 and 4.3), the value the study chose on validation in all four of its
 #: ``normalized`` contenders (grid 0.3, 1); for ``damped`` it is an absolute curvature with no
 #: scale-free value -- 0.3 is where the weight-norm study saw SGD-PH train as well as SGDM.
-DEFAULT_EPS = {"paper": 1e-4, "damped": 0.3, "normalized": 0.3, "block_newton": 1e-3}
+#: ``block_newton``'s is absolute (its calibration on no-BN shapes); ``block_normalized``'s relative to the
+#: block's mean diagonal.
+DEFAULT_EPS = {"paper": 1e-4, "damped": 0.3, "normalized": 0.3, "block_newton": 1e-3, "block_normalized": 0.1}
 #: τ when none is given: the paper's for its rule (the other diagonal rules do not use it); for
 #: ``block_newton`` the scale of the Newton direction (docs/evidence.md).
-DEFAULT_SO_LR = {"paper": 1e-3, "damped": 1e-3, "normalized": 1e-3, "block_newton": 1e-2}
+DEFAULT_SO_LR = {"paper": 1e-3, "damped": 1e-3, "normalized": 1e-3, "block_newton": 1e-2, "block_normalized": 1e-3}
 
 
 def sgdph(

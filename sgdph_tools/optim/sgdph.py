@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from ..curvature import ENGINES, ESTIMATORS, AmpScale, Needs, StepCurvature, check_choice
 from ..curvature.capabilities import DEFAULT_GNB_FRACTION, STOCHASTIC
 from .block import (
-    BLOCK_RULE,
+    BLOCK_RULES,
     DEFAULT_BLOCK_CHUNKS,
     DEFAULT_BLOCK_MAX,
     DEFAULT_CG_STEPS,
@@ -101,8 +101,9 @@ class SGDPH(Optimizer):
             ``"damped"`` (above) or ``"block_newton"``: ``(G_kk + εI)d = buf`` per tensor, θ ← θ -
             γ(τd + λθ) -- :mod:`sgdph_tools.optim.block` says what estimator (gnb: the block estimate,
             the default; engine gauss_newton: exact CG), ``gnb_fraction``, ``hessian_momentum`` and
-            ``hessian_every`` mean there; ``cg_steps``, ``block_max``, ``block_chunks`` are its knobs.
-            Per group. ``authors_code`` implies and needs ``"paper"``.
+            ``hessian_every`` mean there; ``cg_steps``, ``block_max``, ``block_chunks`` are its knobs;
+            ``"block_normalized"``: the same blocks at SGD's step length (ε relative). Per group.
+            ``authors_code`` implies and needs ``"paper"``.
         estimator: ``"rowsum"`` (default here: it needs no model; the paper's ``H_kk·1``; recipes
             default to ``"gnb"`` with ``gnb_fraction=0.25``, ``docs/evidence.md``), ``"hutchinson"``
             (``z ⊙ Hz``, unbiased for the true diagonal), ``"diagonal"`` (exact; one HVP per element: diagnostics) or
@@ -199,8 +200,8 @@ class SGDPH(Optimizer):
         eps = DEFAULT_EPS[rule] if eps is None else eps
         so_lr = DEFAULT_SO_LR[rule] if so_lr is None else so_lr
         if estimator is None:  # block_newton alone is its cheap mode: the GNB block estimate
-            estimator = "gnb" if rule == BLOCK_RULE else "rowsum"
-            if rule == BLOCK_RULE and gnb_fraction is None and model is not None:
+            estimator = "gnb" if rule in BLOCK_RULES else "rowsum"
+            if rule in BLOCK_RULES and gnb_fraction is None and model is not None:
                 gnb_fraction = DEFAULT_GNB_FRACTION
         check_settings(
             lr=lr,

@@ -11,6 +11,9 @@ timm's factory hands the optimizer its own param groups (weight-decay / no-weigh
 carry no ``second_order`` flag: SGDPH then applies the authors' rule (1-D params second-order, the
 last one first-order). For the tag-based groups pass ``param_group_fn=sgdph_tools.sgdph_param_groups``.
 timm splits optimizer names at ``_`` (``lookahead_sgdph``), hence names without one.
+
+:class:`BlockHessianFree` is not registered: timm's loop calls ``step()`` without a closure, and the
+method must evaluate the loss again at the new parameters (and be given the model).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as sgd_functional
 
-from .block import BLOCK_RULE, BlockInverses, BlockProduct, block_newton_group, keeps_block
+from .block import BlockInverses, BlockProduct, block_newton_group, is_block_group, keeps_block
 from .flat import FlatSecondOrder
 from .functional import sgdph
 
@@ -31,7 +31,7 @@ def update_group(
     optimizer's flat state per group, filled here on first use. ``block_newton`` groups
     (:mod:`.block`): ``inverses`` their cached block inverses per group, ``product`` and
     ``exact_index`` the exact mode's block products this step; ``exact``: the exact mode is on."""
-    if group["second_order"] and group.get("rule") == BLOCK_RULE:
+    if is_block_group(group):
         for p in group["params"]:  # a loaded checkpoint of the other mode, a group added later
             second_order_state(state, p, keeps_block(group, p, exact))
         cache = (inverses if inverses is not None else {}).setdefault(id(group), BlockInverses())

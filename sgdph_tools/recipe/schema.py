@@ -22,6 +22,7 @@ from ..curvature.capabilities import ENGINES, ESTIMATORS
 
 INF = math.inf
 SGDPH_ONLY = ("sgdph",)
+HF_ONLY = ("block_hf",)
 ADAM_LIKE = ("adam", "adamw", "adabelief", "adahessian")
 
 
@@ -87,7 +88,7 @@ class DataCfg:
 
 @dataclass
 class OptimizerCfg:
-    name: Literal["sgdph", "sgd", "adam", "adamw", "adabelief", "adahessian", "apollo"] = "sgdph"
+    name: Literal["sgdph", "sgd", "adam", "adamw", "adabelief", "adahessian", "apollo", "block_hf"] = "sgdph"
     lr: float = key(0.01, interval=open_open(0, INF))
     weight_decay: float = key(0.0, interval=closed_open(0, INF))
     # of the 1-D parameters (biases, norm gains, WN gammas); null: weight_decay (the paper's runs);
@@ -112,12 +113,23 @@ class OptimizerCfg:
     # how the curvature scales the step; normalized since the study of docs/evidence.md (paper: Algorithm 1);
     # block_newton: a solve on each tensor's Gauss-Newton block (estimator gnb: its estimate, refreshed every
     # hessian_every steps; engine gauss_newton: exact, by CG at every step -- hessian_every is read as 1)
-    rule: Literal["paper", "damped", "normalized", "block_newton"] = key("normalized", applies_to=SGDPH_ONLY)
+    # block_normalized: the same blocks at SGD's step length per tensor (ε relative to the block's mean diagonal)
+    rule: Literal["paper", "damped", "normalized", "block_newton", "block_normalized"] = key(
+        "normalized", applies_to=SGDPH_ONLY
+    )
     cg_steps: int = key(10, applies_to=SGDPH_ONLY, at_least=1)  # block_newton, engine gauss_newton: CG products
     block_max: int = key(512, applies_to=SGDPH_ONLY, at_least=0)  # block_newton: larger tensors keep a diagonal
     # block_newton, estimator gnb: the block estimate from this many chunks of rows (null: one per row, per example)
     block_chunks: int | None = key(None, applies_to=SGDPH_ONLY, at_least=1)
     second_order_kinds: list[str] | None = key(None, applies_to=SGDPH_ONLY)  # None: every channel-wise 1-D kind
+    # block_hf only (BlockHessianFree: one CG per layer's GGN block; optimizer.lr scales the solved step, 1.0: the
+    # step itself; weight_decay is an L2 term of the objective; momentum, cg_init_decay: optimizer.kwargs)
+    damping: float = key(1.0, applies_to=HF_ONLY, interval=open_open(0, INF))  # λ at the start
+    adapt_damping: bool = key(True, applies_to=HF_ONLY)  # Levenberg-Marquardt rule (false: λ fixed)
+    cg_max_iters: int = key(20, applies_to=HF_ONLY, at_least=1)  # GGN products per block and step, at most
+    cg_tol: float = key(1e-3, applies_to=HF_ONLY, interval=(0, 1, True, True))  # CG's relative residual
+    backtracking: bool = key(False, applies_to=HF_ONLY)  # Martens' backtracking over CG iterates
+    curvature_fraction: float | None = key(None, applies_to=HF_ONLY, interval=(0, 1, False, True))  # null: all
     kwargs: dict[str, Any] = key(factory=dict)  # anything else the optimizer takes
 
 

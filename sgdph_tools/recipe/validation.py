@@ -227,12 +227,29 @@ def check_semantics(recipe: Recipe) -> None:
             f"recipe key 'optimizer.gnb_fraction' applies to optimizer.estimator=gnb only (got {o.gnb_fraction} "
             f"with estimator={o.estimator}): remove it"
         )
-    if o.name == "sgdph" and o.rule == "block_newton" and o.estimator != "gnb" and o.engine != "gauss_newton":
+    blocks = o.name == "sgdph" and o.rule in ("block_newton", "block_normalized")
+    if blocks and o.estimator != "gnb" and o.engine != "gauss_newton":
         raise UserError(
-            f"optimizer.rule=block_newton needs Gauss-Newton curvature, not estimator={o.estimator} with "
+            f"optimizer.rule={o.rule} needs Gauss-Newton curvature, not estimator={o.estimator} with "
             f"engine={o.engine}: set optimizer.estimator=gnb (the block estimate) or "
             "optimizer.engine=gauss_newton (exact)"
         )
+    if blocks and o.rule == "block_normalized" and o.engine == "gauss_newton":
+        raise UserError(
+            "optimizer.rule=block_normalized takes its damping relative to the estimated block: set "
+            "optimizer.estimator=gnb with engine autograd, or optimizer.rule=block_newton for the exact CG solve"
+        )
+    if o.name == "block_hf":
+        if o.weight_decay_1d is not None:
+            raise UserError(
+                "optimizer.weight_decay_1d does not apply to optimizer.name=block_hf: its blocks are layers "
+                "(weight and bias together) with one weight decay each; remove it"
+            )
+        if t.precision == "fp16":
+            raise UserError(
+                "optimizer.name=block_hf cannot run with trainer.precision=fp16 (its closure is evaluated again "
+                "without a GradScaler): use trainer.precision=bf16 or fp32"
+            )
     exact_blocks = o.name == "sgdph" and o.rule == "block_newton" and o.engine == "gauss_newton"
     double_backward = o.name == "sgdph" and needs(o.estimator, o.engine, exact_blocks=exact_blocks).double_backward
     if t.compile and (o.name == "adahessian" or double_backward):

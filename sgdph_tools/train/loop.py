@@ -3,6 +3,8 @@
 How a step runs depends on the optimizer:
 - SGD-PH: ``optimizer.step(loss_fn=...)`` -- the optimizer runs the backward passes itself, with the
   GradScaler and clipping handed to it (the gradients only exist inside step);
+- block-diagonal Hessian-free: ``optimizer.step(closure)`` -- a standard closure (zero_grad, forward,
+  backward, clipping), which the optimizer calls again at the new parameters;
 - second-order baselines (AdaHessian): ``backward(create_graph=True)``, then ``step()``;
 - everything else: the usual ``backward()``, optional unscale and clip, ``step()``.
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..errors import UserError
-from ..optim import SGDPH
+from ..optim import SGDPH, BlockHessianFree
 
 
 class Diverged(UserError):
@@ -100,6 +102,24 @@ def train_step(
         if s.scaler is not None:
             s.scaler.update()
         return loss.detach(), first[0]
+
+    if isinstance(optimizer, BlockHessianFree):
+        logged: list[torch.Tensor] = []
+
+        def closure() -> tuple[torch.Tensor, torch.Tensor]:  # called again at the new parameters
+            optimizer.zero_grad(set_to_none=True)
+            with s.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
+            if s.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            if not logged:
+                logged.append(logits.detach())
+            return loss, logits
+
+        loss = optimizer.step(closure)
+        return loss.detach(), logged[0]
 
     optimizer.zero_grad(set_to_none=True)
     with s.autocast():

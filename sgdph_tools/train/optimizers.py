@@ -9,6 +9,7 @@ Where each comes from (so results can be traced to an implementation):
 | ``adam``, ``adamw`` | ``torch.optim.Adam`` / ``torch.optim.AdamW`` via timm's factory |
 | ``adabelief``, ``adahessian`` | ``timm.optim.AdaBelief`` / ``timm.optim.Adahessian`` via timm's factory |
 | ``apollo`` | ``pytorch_optimizer.ApolloDQN`` (Apollo, Ma 2020; official defaults: 500 warmup steps) |
+| ``block_hf`` | ``sgdph_tools.optim.BlockHessianFree`` (Zhang et al. 2017), one block per layer |
 
 Weight decay applies to every parameter, as in the paper's runs (timm's factory is asked not to
 exempt 1-D parameters), unless ``weight_decay_1d`` gives the 1-D parameters (``ndim <= 1``: biases,
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
-from ..optim import SGDPH, sgdph_param_groups
+from ..optim import SGDPH, BlockHessianFree, sgdph_param_groups
 from ..recipe import OptimizerCfg, ScheduleCfg, resolve_sgdph_choices
 from ..tagging import CHANNELWISE_KINDS
 
@@ -67,6 +68,19 @@ def build_optimizer(cfg: OptimizerCfg, model: nn.Module) -> torch.optim.Optimize
             block_max=cfg.block_max,
             block_chunks=cfg.block_chunks,
             model=model,
+            **extra,
+        )
+    if cfg.name == "block_hf":
+        return BlockHessianFree(
+            model,
+            lr=cfg.lr,
+            damping=cfg.damping,
+            adapt_damping=cfg.adapt_damping,
+            cg_max_iters=cfg.cg_max_iters,
+            cg_tol=cfg.cg_tol,
+            weight_decay=cfg.weight_decay,
+            backtracking=cfg.backtracking,
+            curvature_fraction=cfg.curvature_fraction,
             **extra,
         )
     if cfg.name == "apollo":

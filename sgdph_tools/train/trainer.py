@@ -189,9 +189,8 @@ class Trainer:
                     if last.exists()
                     else "no checkpoint was written yet"
                 )
-                fixes = "lower optimizer.lr" + (
-                    " or optimizer.so_lr, raise optimizer.eps" if self.recipe.optimizer.name == "sgdph" else ""
-                )
+                own = {"sgdph": " or optimizer.so_lr, raise optimizer.eps", "block_hf": ", raise optimizer.damping"}
+                fixes = "lower optimizer.lr" + own.get(self.recipe.optimizer.name, "")
                 message = (
                     f"{exc}; stopped, {kept}. Likely fixes: {fixes}, or set trainer.grad_clip "
                     "(then continue with --resume --allow-changes, or start over)"

@@ -13,6 +13,7 @@ FIELDS = {
     "gnb_fraction",
     "full_forward",
     "rule",
+    "cg_iters",
     "time_ratio_rounds",
     "step_ms",
     "peak_mb",
@@ -49,6 +50,9 @@ def test_bench_measures_every_mode_against_sgdm(tmp_path):
     assert "sgdph gnb, every 10" in result.stdout and "sgdph gnb, batch x 0.25, every 1" in result.stdout
     assert "sgdph rowsum, finite_difference, full forward, every 1" in result.stdout
     assert "sgdph block_newton, gnb" in result.stdout
+    (hf,) = [r for r in records if r["optimizer"] == "block_hf"]  # the block-diagonal Hessian-free baseline
+    assert (hf["cg_iters"], hf["gnb_fraction"]) == (10, 0.25)
+    assert "block_hf, cg 10, curvature batch x 0.25" in result.stdout
 
 
 def test_bench_only_measures_the_modes_asked_for_and_sgdm(tmp_path):

@@ -125,3 +125,22 @@ def test_block_newton_recipes_train_to_completion(tmp_path):
         assert "epoch 1/1" in result.output
         state = torch.load(tmp_path / name / "last.pt", weights_only=False)["optimizer"]["state"]
         assert any("hessian_block" in s for s in state.values()) == (name == "cheap")
+
+
+def test_block_hf_recipe_trains_to_completion_and_resumes(tmp_path):
+    """The block-diagonal Hessian-free baseline through the trainer: its shipped digits recipe, its
+    damping adapted and kept in the checkpoint, and a resumed run continuing from it."""
+    recipe = "digits_small_cnn_block_hf"
+    common = [f"trainer.output_dir={tmp_path}", "trainer.name=hf", "trainer.batch_size=128"]
+    result = invoke("train", recipe, "trainer.epochs=1", "optimizer.cg_max_iters=3", *common)
+    assert result.exit_code == 0, result.output
+    assert "with block_hf" in result.output and "epoch 1/1" in result.output
+    state = torch.load(tmp_path / "hf" / "last.pt", weights_only=False)["optimizer"]["state"]
+    first = state[0]
+    assert first["step"] > 0 and first["damping"] != 1.0  # the Levenberg-Marquardt rule moved it
+    assert all("cg_solution" in s for s in state.values())
+    result = invoke(
+        "train", recipe, "trainer.epochs=2", "optimizer.cg_max_iters=3", *common, "--resume", "--allow-changes"
+    )
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2" in result.output

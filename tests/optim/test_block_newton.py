@@ -121,15 +121,17 @@ def test_gnb_block_estimate_is_unbiased_for_the_ggn_block():
         torch.testing.assert_close(torch.diagonal(f), d)
 
 
-def test_cheap_step_solves_the_averaged_block():
+@pytest.mark.parametrize("rule", ["block_newton", "block_normalized"])
+def test_cheap_step_solves_the_averaged_block(rule):
     """After one refresh (momentum 0): Δθ_k = −lr·so_lr·(Ĝ_k + εI)⁻¹ g_k with Ĝ_k the bias-corrected
-    average kept in the state, solved here directly; tensors above block_max use its diagonal."""
+    average kept in the state, solved here directly; tensors above block_max use its diagonal.
+    block_normalized: (Ĝ_k / mean diag Ĝ_k + εI)⁻¹ g_k scaled to |g_k|, τ unused."""
     torch.manual_seed(0)
     net = conv_bn_net().double()
     x, y = batch_for(net, dtype=torch.float64)
     lr, eps, so_lr = 0.2, 0.01, 0.5
     opt = SGDPH(
-        sgdph_param_groups(net), lr=lr, momentum=0.0, rule="block_newton", so_lr=so_lr, eps=eps, block_max=4,
+        sgdph_param_groups(net), lr=lr, momentum=0.0, rule=rule, so_lr=so_lr, eps=eps, block_max=4,
         hessian_momentum=0.8,
     )  # fmt: skip
     params = second_order(opt)
@@ -141,17 +143,23 @@ def test_cheap_step_solves_the_averaged_block():
     grads = [p.grad.detach().clone() for p in params]
     opt.step(lambda: (loss, out))
     kinds = set()
+    normalized = rule == "block_normalized"
     for p, p0, g in zip(params, before, grads):
         state = opt.state[p]
         if p.numel() <= 4:
             kinds.add("block")
             G = state["hessian_block"] / (1 - 0.8)
+            G = G / G.diagonal().mean() if normalized else G
             d = torch.linalg.solve(G + eps * torch.eye(p.numel(), dtype=G.dtype), g)
         else:
             kinds.add("diagonal")
             assert "hessian_block" not in state
-            d = g / (state["hessian_ema"] / (1 - 0.8) + eps)
-        torch.testing.assert_close(p.detach(), p0 - lr * so_lr * d, rtol=1e-9, atol=1e-12)
+            D = state["hessian_ema"] / (1 - 0.8)
+            d = g / ((D / D.mean() if normalized else D) + eps)
+        step = d * g.norm() / d.norm() if normalized else so_lr * d
+        torch.testing.assert_close(p.detach(), p0 - lr * step, rtol=1e-9, atol=1e-12)
+        if normalized:  # SGD's length, the block's direction
+            assert not torch.allclose(step, g)
     assert kinds == {"block", "diagonal"}
 
 
@@ -205,6 +213,8 @@ def test_bad_choices_are_named():
         SGDPH(groups, rule="block_newton", estimator="rowsum")
     with pytest.raises(ValueError, match="hessian_every must be 1"):
         SGDPH(groups, rule="block_newton", engine="gauss_newton", hessian_every=2)
+    with pytest.raises(ValueError, match="block_normalized' takes its damping relative.*estimator='gnb'"):
+        SGDPH(groups, rule="block_normalized", engine="gauss_newton")
     with pytest.raises(ValueError, match="invalid cg_steps: 0"):
         SGDPH(groups, rule="block_newton", cg_steps=0)
     with pytest.raises(TypeError, match="block_max must be an integer"):
