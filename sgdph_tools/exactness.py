@@ -249,6 +249,12 @@ def exactness_report(
 RELATIVE_DAMPING = 1e-3
 
 
+def _relative(block: Tensor, eps: float) -> Tensor:
+    """``block / mean(diag block) + εI``: the damped block of ``rule="block_normalized"``."""
+    scale = torch.diagonal(block).mean().clamp_min(torch.finfo(block.dtype).tiny)
+    return block / scale + eps * torch.eye(len(block), dtype=block.dtype)
+
+
 def preconditioning(G: Tensor, g: Tensor, gnb_blocks: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     """Each curvature model P of one tensor's exact GGN block ``G`` (float64), with its gradient ``g``
     and GNB block estimates by name (each the mean of a few draws, what an average over refreshes
@@ -268,6 +274,8 @@ def preconditioning(G: Tensor, g: Tensor, gnb_blocks: dict[str, Tensor]) -> dict
         "gnb diagonal": torch.diag(diag_gnb) + delta * eye,
         "gnb normalized (ε 0.3)": torch.diag(diag_gnb / diag_gnb.mean() + 0.3) if diag_gnb.mean() > 0 else eye,
         **{name: block + delta * eye for name, block in gnb_blocks.items()},
+        # block_normalized's direction (its length does not enter the efficiency): the per-row block, ε 0.1 relative
+        "gnb block normalized (ε 0.1)": _relative(next(reversed(gnb_blocks.values())), 0.1),
         "exact block": A,
     }
     best = float(g @ torch.linalg.solve(A, g))

@@ -28,7 +28,9 @@ machinery the paper builds on, and what departs from it:
   ρ > ¾ → λ·2/3. The actual decrease is measured by calling the closure again at the new
   parameters, on the same batch (RNG and buffers as the first call): one more forward and backward
   per step (``adapt_damping=False`` skips it). The model is undamped (G + wI), as in Martens &
-  Sutskever (2012). One λ for all blocks, as the paper.
+  Sutskever (2012). One λ for all blocks, as the paper. A step whose loss is not finite is taken
+  back (λ raised), where Martens keeps every step: after many good steps λ can be small enough for one
+  nearly undamped step to overflow.
 - **Backtracking** (``backtracking=True``; off by default): CG iterates are kept after 1, 2, 3, 4,
   6, 8, 11, ... iterations (⌈1.3ʲ⌉, Martens); the loss is evaluated at each candidate from the last
   backwards and the one before the loss stops decreasing is taken. Blocks stop at different counts: a
@@ -182,28 +184,40 @@ class BlockHessianFree(torch.optim.Optimizer):
             if self.adapt_damping:  # the model's prediction for the candidate chosen: a fresh graph
                 with self._products(blocks) as products:
                     predicted = _model_change(products, blocks, steps)
-        for block, d, s, buf in zip(blocks, directions, steps, buffers):
-            for p, d_p, s_p in zip(block.params, _split(d, block.params), _split(s, block.params)):
-                self.state[p]["cg_solution"] = d_p.clone()
-                p.add_(s_p)
-            if buf is not None:
-                for p, v_p in zip(block.params, _split(buf, block.params)):
-                    self.state[p]["momentum_buffer"] = v_p.clone()
-        rho = None
-        if self.adapt_damping:
+        moved = _move(blocks, steps)
+        rho, rejected = None, False
+        if self.adapt_damping or self.backtracking:
             if f_new is None:
                 f_new = _mean_across_ranks(_loss_of(replay.again_loss(self._no_sync)))
-            actual = f_new - f0 + _l2_change(blocks, steps)
-            rho = actual / predicted if predicted < 0 else -math.inf
+            # A step to a non-finite loss is taken back (a departure from Martens 2010, who keeps every
+            # step): with λ adapted down over many good steps, one nearly undamped step can overflow.
+            rejected = not math.isfinite(f_new)
+            if rejected:
+                _restore(moved)
+        if self.adapt_damping:
+            actual = f_new - f0 + _l2_change(blocks, steps) if not rejected else math.inf
+            rho = actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf
             if rho < RHO_LOW:
                 lam *= DAMPING_UP
             elif rho > RHO_HIGH:
                 lam *= DAMPING_DOWN
+        if not rejected:
+            for block, d, buf in zip(blocks, directions, buffers):
+                for p, d_p in zip(block.params, _split(d, block.params)):
+                    self.state[p]["cg_solution"] = d_p.clone()
+                if buf is not None:
+                    for p, v_p in zip(block.params, _split(buf, block.params)):
+                        self.state[p]["momentum_buffer"] = v_p.clone()
         first = self.state[params[0]]
         first["damping"] = lam
         first["step"] = first.get("step", 0) + 1
         self.last_step = dict(
-            loss=f0, loss_after=f_new, rho=rho, damping=lam, cg_iterations=[blk.iterations for blk in blocks]
+            loss=f0,
+            loss_after=f_new,
+            rho=rho,
+            damping=lam,
+            rejected=rejected,
+            cg_iterations=[blk.iterations for blk in blocks],
         )
         return loss
 
@@ -245,29 +259,27 @@ class BlockHessianFree(torch.optim.Optimizer):
     def _backtrack(self, replay: ClosureReplay, blocks: list[Block], f0: float) -> tuple[list[Tensor], float]:
         """Martens' backtracking: from the last kept CG count backwards, the candidate before the
         loss stops decreasing (each loss evaluated at the parameters that candidate's step gives)."""
-        counts = sorted({k for blk in blocks for k in blk.iterates}, reverse=True)
         best: list[Tensor] = []
         best_f = math.inf
-        for count in counts:
+        for count in sorted({k for blk in blocks for k in blk.iterates}, reverse=True):
             candidate = [
                 blk.iterates[max((k for k in blk.iterates if k <= count), default=min(blk.iterates))] for blk in blocks
             ]
             steps, _ = self._steps(blocks, candidate)
             f = self._loss_at(replay, blocks, steps)
-            if f >= best_f:
+            f = f if math.isfinite(f) else math.inf
+            if best and f >= best_f:
                 break
-            best, best_f = candidate, f
+            if not best or f < best_f:
+                best, best_f = candidate, f
         return best, best_f
 
     def _loss_at(self, replay: ClosureReplay, blocks: list[Block], steps: list[Tensor]) -> float:
-        moved = [(p, s_p) for blk, s in zip(blocks, steps) for p, s_p in zip(blk.params, _split(s, blk.params))]
-        for p, s in moved:
-            p.add_(s)
+        moved = _move(blocks, steps)
         try:
             return _mean_across_ranks(_loss_of(replay.again_loss(self._no_sync)))
         finally:
-            for p, s in moved:
-                p.sub_(s)
+            _restore(moved)
 
 
 @dataclass(eq=False)
@@ -339,6 +351,21 @@ def _l2_change(blocks: list[Block], steps: list[Tensor]) -> float:
             theta = torch.cat([p.reshape(-1) for p in blk.params])
             total += 0.5 * blk.group["weight_decay"] * float(theta @ theta - (theta - s) @ (theta - s))
     return total
+
+
+def _move(blocks: list[Block], steps: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """θ ← θ + s for every block; returns (parameter, its value before) to restore it bit for bit."""
+    moved = []
+    for blk, s in zip(blocks, steps):
+        for p, s_p in zip(blk.params, _split(s, blk.params)):
+            moved.append((p, p.detach().clone()))
+            p.add_(s_p)
+    return moved
+
+
+def _restore(moved: list[tuple[Tensor, Tensor]]) -> None:
+    for p, before in moved:
+        p.copy_(before)
 
 
 def _split(flat: Tensor, block: list[Tensor]) -> list[Tensor]:

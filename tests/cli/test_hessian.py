@@ -53,7 +53,9 @@ def test_in_float64_every_deterministic_estimate_meets_its_exact_target(tmp_path
         assert abs(per_model["exact block"]["efficiency"] - 1) < 1e-9
         assert abs(per_model["exact block"]["condition"] - 1) < 1e-6
         assert all(0 < r["efficiency"] <= 1 + 1e-9 and r["condition"] >= 1 - 1e-9 for r in per_model.values())
-        assert {"sgd (P = I)", "exact diagonal", "gnb block, 1 chunk", "gnb block, 8 chunks"} <= set(per_model)
+        assert {
+            "sgd (P = I)", "exact diagonal", "gnb block, 1 chunk", "gnb block, 8 chunks", "gnb block normalized (ε 0.1)"
+        } <= set(per_model)  # fmt: skip
     # The same command again gives the same report: the model's initialisation is seeded too.
     again = tmp_path / "again.json"
     sgdph(*FLOAT64_REPORT, str(again))

@@ -5,6 +5,7 @@ forwards leave behind (BatchNorm buffers, RNG), resume, DDP against one process,
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -117,6 +118,32 @@ def test_levenberg_marquardt_rule(lam):
         assert rho < RHO_LOW
     if lam == 100.0:  # a tiny step: the quadratic model is accurate
         assert rho > RHO_HIGH
+
+
+def test_a_step_to_a_non_finite_loss_is_taken_back():
+    """The loss at the new parameters overflows (here: the closure says so on its second call): the
+    parameters are put back bit for bit, λ rises, the warm start is not replaced."""
+    torch.manual_seed(9)
+    net = mlp().double()
+    x, y = batch_for(net, n=12, dtype=torch.float64)
+    opt = BlockHessianFree(net, damping=0.5, cg_max_iters=5)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss, logits = closure_for(opt, net, x, y)()
+        return (loss * float("nan") if len(calls) == 2 else loss), logits
+
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.step(closure)
+    assert len(calls) == 2 and opt.last_step["rejected"] and opt.last_step["rho"] == -math.inf
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    assert opt.damping == pytest.approx(0.5 * DAMPING_UP)
+    assert all("cg_solution" not in opt.state[p] for p in net.parameters())
+    calls.clear()
+    calls.append(1)  # the next step's second call is the third: finite, accepted
+    opt.step(closure)
+    assert not opt.last_step["rejected"] and not torch.equal(next(net.parameters()), before[0])
 
 
 @pytest.mark.parametrize("lam", [1e-3, 0.3])
