@@ -94,14 +94,18 @@ def bartlett_gradients(
     return list(grads), logits.shape[0]
 
 
+#: chunks per batched backward in :func:`bartlett_rows` (time about the same, memory down by c / this)
+CHUNKS_PER_BACKWARD = 8
+
+
 def bartlett_rows(
     logits: Tensor, params: Sequence[Tensor], chunks: int | None, generator: torch.Generator | None = None
 ) -> tuple[list[Tensor], int]:
     """``(U, B)``: per parameter ``[c, *shape]``, row j the gradient ``uⱼ = Σ_{i∈j} Jᵢᵀ(pᵢ − e_ŷᵢ)`` of
     chunk j of the ``B`` rows (``c = min(chunks, B)`` contiguous chunks; None: one per row), labels ŷ sampled from the
     softmax. ``(1/B) Σⱼ uⱼuⱼᵀ`` is unbiased for the GGN block whatever the chunking (the cross terms of
-    a chunk have mean zero) and of rank up to c -- one chunk is ``B·ĝĝᵀ``, rank one. One backward
-    batched over the chunks (``is_grads_batched``: vmap), not c backwards."""
+    a chunk have mean zero) and of rank up to c -- one chunk is ``B·ĝĝᵀ``, rank one. Backwards batched
+    over the chunks (``is_grads_batched``: vmap), ``CHUNKS_PER_BACKWARD`` at a time, not c backwards."""
     _check_logits(logits)
     params = _check_params(params)
     checks.generator("generator", generator)
@@ -117,9 +121,15 @@ def bartlett_rows(
     rows = torch.arange(batch, device=logits.device)
     outputs = torch.zeros(c, batch, classes, dtype=logits.dtype, device=logits.device)
     outputs[rows * c // batch, rows] = residual
-    grads = torch.autograd.grad(
-        logits, params, outputs, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
-    )
+    # batched backwards of at most CHUNKS_PER_BACKWARD chunks each: a batched backward holds one copy of
+    # the activation gradients per chunk at once (the memory of block_newton's refresh, docs/benchmarks.md)
+    pieces = [
+        torch.autograd.grad(
+            logits, params, part, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
+        )
+        for part in outputs.split(CHUNKS_PER_BACKWARD)
+    ]
+    grads = pieces[0] if len(pieces) == 1 else [torch.cat(per_param) for per_param in zip(*pieces)]
     return list(grads), batch
 
 
