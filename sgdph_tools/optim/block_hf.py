@@ -28,9 +28,10 @@ machinery the paper builds on, and what departs from it:
   ρ > ¾ → λ·2/3. The actual decrease is measured by calling the closure again at the new
   parameters, on the same batch (RNG and buffers as the first call): one more forward and backward
   per step (``adapt_damping=False`` skips it). The model is undamped (G + wI), as in Martens &
-  Sutskever (2012). One λ for all blocks, as the paper. A step whose loss is not finite is taken
-  back (λ raised), where Martens keeps every step: after many good steps λ can be small enough for one
-  nearly undamped step to overflow.
+  Sutskever (2012). One λ for all blocks, as the paper. A step that raises the batch's loss (ρ < 0,
+  or a non-finite loss) is taken back and λ raised, as a trust-region method does, where Martens
+  (2010) keeps every step: after many good steps λ can be small enough for one nearly undamped step to
+  throw the network off (it did on digits).
 - **Backtracking** (``backtracking=True``; off by default): CG iterates are kept after 1, 2, 3, 4,
   6, 8, 11, ... iterations (⌈1.3ʲ⌉, Martens); the loss is evaluated at each candidate from the last
   backwards and the one before the loss stops decreasing is taken. Blocks stop at different counts: a
@@ -189,18 +190,20 @@ class BlockHessianFree(torch.optim.Optimizer):
         if self.adapt_damping or self.backtracking:
             if f_new is None:
                 f_new = _mean_across_ranks(_loss_of(replay.again_loss(self._no_sync)))
-            # A step to a non-finite loss is taken back (a departure from Martens 2010, who keeps every
-            # step): with λ adapted down over many good steps, one nearly undamped step can overflow.
-            rejected = not math.isfinite(f_new)
+            actual = f_new - f0 + _l2_change(blocks, steps)  # the objective's change, weight decay included
+            # A step that raises the objective on the batch (or makes it non-finite) is taken back, as a
+            # trust-region method rejects ρ < 0 (Martens 2010 keeps every step): with λ adapted down
+            # over many good steps, one nearly undamped step can throw the network far off (measured on
+            # digits: a loss of 1e19 a few steps after λ fell below 1e-3).
+            rejected = not actual <= 0  # NaN included
             if rejected:
                 _restore(moved)
-        if self.adapt_damping:
-            actual = f_new - f0 + _l2_change(blocks, steps) if not rejected else math.inf
-            rho = actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf
-            if rho < RHO_LOW:
-                lam *= DAMPING_UP
-            elif rho > RHO_HIGH:
-                lam *= DAMPING_DOWN
+            if self.adapt_damping:
+                rho = actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf
+                if rho < RHO_LOW:
+                    lam *= DAMPING_UP
+                elif rho > RHO_HIGH:
+                    lam *= DAMPING_DOWN
         if not rejected:
             for block, d, buf in zip(blocks, directions, buffers):
                 for p, d_p in zip(block.params, _split(d, block.params)):

@@ -91,10 +91,11 @@ def test_each_block_solves_its_own_block_only():
     torch.testing.assert_close(flat(opt.state[p]["cg_solution"] for p in params), -expected, rtol=1e-8, atol=1e-11)
 
 
-@pytest.mark.parametrize("lam", [1e-4, 1.0, 100.0])
-def test_levenberg_marquardt_rule(lam):
-    """ρ = (f(θ + s) − f(θ)) / (gᵀs + ½ Σ_b s_bᵀG_bb s_b), both computed here; λ·3/2 below ¼,
-    λ·2/3 above ¾."""
+@pytest.mark.parametrize("lam", [1e-4, 0.1, 100.0])
+def test_levenberg_marquardt_rule_and_rejected_steps(lam):
+    """With s the block solves (computed here from the brute-force GGN): ρ = (f(θ + s) − f(θ)) /
+    (gᵀs + ½ Σ_b s_bᵀG_bb s_b); λ·3/2 below ¼, λ·2/3 above ¾; a step that raises the loss is taken
+    back, bit for bit."""
     torch.manual_seed(2)
     net = mlp().double()
     x, y = batch_for(net, n=12, dtype=torch.float64)
@@ -102,20 +103,28 @@ def test_levenberg_marquardt_rule(lam):
     params = list(net.parameters())
     G, logits = brute_force_ggn(net, x, params)
     g = flat(torch.autograd.grad(F.cross_entropy(logits, y), params))
-    f0, before = loss_at(net, x, y), flat(params).detach().clone()
-    opt.step(closure_for(opt, net, x, y))
-    s = flat(params).detach() - before
     n1 = params[0].numel() + params[1].numel()
+    s = -torch.cat([solve(G[:n1, :n1], g[:n1], lam), solve(G[n1:, n1:], g[n1:], lam)])
+    twin = mlp().double()
+    twin.load_state_dict(net.state_dict())
+    torch.nn.utils.vector_to_parameters(flat(twin.parameters()).detach() + s, twin.parameters())
+    f0, f1 = loss_at(net, x, y), loss_at(twin, x, y)
     model = float(g @ s) + 0.5 * float(s[:n1] @ G[:n1, :n1] @ s[:n1] + s[n1:] @ G[n1:, n1:] @ s[n1:])
-    f1 = loss_at(net, x, y)
-    assert opt.last_step["loss"] == pytest.approx(f0, rel=1e-12)
-    assert opt.last_step["loss_after"] == pytest.approx(f1, rel=1e-12)
     rho = (f1 - f0) / model
+    before = flat(params).detach().clone()
+    opt.step(closure_for(opt, net, x, y))
+    assert opt.last_step["loss"] == pytest.approx(f0, rel=1e-12)
+    assert opt.last_step["loss_after"] == pytest.approx(f1, rel=1e-10)
     assert opt.last_step["rho"] == pytest.approx(rho, rel=1e-6)
     factor = DAMPING_UP if rho < RHO_LOW else DAMPING_DOWN if rho > RHO_HIGH else 1.0
     assert opt.damping == pytest.approx(lam * factor, rel=1e-12)
-    if lam == 1e-4:  # a nearly undamped Newton step on a nonlinear net over-promises
-        assert rho < RHO_LOW
+    assert opt.last_step["rejected"] == (rho < 0)
+    if rho < 0:
+        assert torch.equal(flat(params).detach(), before)
+    else:
+        torch.testing.assert_close(flat(params).detach() - before, s, rtol=1e-8, atol=1e-11)
+    if lam == 1e-4:  # a nearly undamped Newton step on a nonlinear net over-promises: taken back
+        assert rho < 0
     if lam == 100.0:  # a tiny step: the quadratic model is accurate
         assert rho > RHO_HIGH
 
@@ -126,7 +135,7 @@ def test_a_step_to_a_non_finite_loss_is_taken_back():
     torch.manual_seed(9)
     net = mlp().double()
     x, y = batch_for(net, n=12, dtype=torch.float64)
-    opt = BlockHessianFree(net, damping=0.5, cg_max_iters=5)
+    opt = BlockHessianFree(net, damping=5.0, cg_max_iters=5)
     calls = []
 
     def closure():
@@ -138,11 +147,9 @@ def test_a_step_to_a_non_finite_loss_is_taken_back():
     opt.step(closure)
     assert len(calls) == 2 and opt.last_step["rejected"] and opt.last_step["rho"] == -math.inf
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
-    assert opt.damping == pytest.approx(0.5 * DAMPING_UP)
+    assert opt.damping == pytest.approx(5.0 * DAMPING_UP)
     assert all("cg_solution" not in opt.state[p] for p in net.parameters())
-    calls.clear()
-    calls.append(1)  # the next step's second call is the third: finite, accepted
-    opt.step(closure)
+    opt.step(closure)  # its calls are the third and fourth: finite, accepted
     assert not opt.last_step["rejected"] and not torch.equal(next(net.parameters()), before[0])
 
 
@@ -164,16 +171,22 @@ def test_backtracking_takes_the_best_kept_iterate_going_back(lam, monkeypatch):
     monkeypatch.setattr(
         BlockHessianFree, "_loss_at", lambda *a: evaluated.append(loss_at_candidate(*a)) or evaluated[-1]
     )
+    f0, before = loss_at(net, x, y), flat(net.parameters()).detach().clone()
     opt.step(closure_for(opt, net, x, y))
-    chosen = loss_at(net, x, y)
-    assert opt.last_step["loss_after"] == pytest.approx(chosen, rel=1e-12)
     assert evaluated[0] == pytest.approx(loss_at(twin, x, y), rel=1e-12)  # the last iterate first
     i = evaluated.index(min(evaluated))
-    assert chosen == pytest.approx(evaluated[i], rel=1e-12)
+    assert opt.last_step["loss_after"] == pytest.approx(evaluated[i], rel=1e-12)
     assert all(a > b for a, b in zip(evaluated[:i], evaluated[1 : i + 1]))  # decreasing up to the choice
     assert i == len(evaluated) - 1 or evaluated[i + 1] >= evaluated[i]  # stopped where it rose
+    assert opt.last_step["rejected"] == (evaluated[i] > f0)
+    if opt.last_step["rejected"]:  # even the best candidate raised the loss: taken back
+        assert torch.equal(flat(net.parameters()).detach(), before)
+    else:
+        assert loss_at(net, x, y) == pytest.approx(evaluated[i], rel=1e-12)
+    if lam == 1e-3:  # nearly undamped: every candidate overshoots
+        assert opt.last_step["rejected"]
     if lam == 0.3:
-        assert len(evaluated) > 1 and chosen < opt.last_step["loss"]
+        assert len(evaluated) > 1 and not opt.last_step["rejected"]
 
 
 def test_momentum_is_a_heavy_ball_over_solved_directions():
