@@ -61,11 +61,14 @@ def block_ratios(run: Path) -> list[tuple[str, float, float, float]]:
             if not s or "hessian_block" not in s or not s["hessian_refreshes"] or "momentum_buffer" not in s:
                 continue
             block = s["hessian_block"].double() / (1 - group["hessian_momentum"] ** s["hessian_refreshes"])
+            normalized = group.get("rule") == "block_normalized"  # ε relative, SGD's length
+            if normalized:
+                block = block / block.diagonal().mean()
             damped = block + group["eps"] * torch.eye(len(block), dtype=block.dtype)
             m = s["momentum_buffer"].double().reshape(-1)
             d = torch.linalg.solve(damped, m)
             values = torch.linalg.eigvalsh(damped)
-            ratio = float(group["so_lr"] * d.norm() / m.norm())
+            ratio = 1.0 if normalized else float(group["so_lr"] * d.norm() / m.norm())
             cosine = float(d @ m / (d.norm() * m.norm()))
             out.append((name, ratio, cosine, float(values.max() / values.min())))
     return out
