@@ -28,7 +28,8 @@ machinery the paper builds on, and what departs from it:
   ρ > ¾ → λ·2/3. The actual decrease is measured by calling the closure again at the new
   parameters, on the same batch (RNG and buffers as the first call): one more forward and backward
   per step (``adapt_damping=False`` skips it). The model is undamped (G + wI), as in Martens &
-  Sutskever (2012). One λ for all blocks, as the paper. A step that raises the batch's loss (ρ < 0,
+  Sutskever (2012). One λ for all blocks, as the paper; kept within [1e-8, 1e8] (or the initial λ,
+  where that is outside: ``DAMPING_MIN``/``DAMPING_MAX``). A step that raises the batch's loss (ρ < 0,
   or a non-finite loss) is taken back and λ raised, as a trust-region method does, where Martens
   (2010) keeps every step: after many good steps λ can be small enough for one nearly undamped step to
   throw the network off (it did on digits).
@@ -68,6 +69,10 @@ from ..curvature.replay import ClosureReplay
 
 #: Martens (2010): λ·3/2 when the model over-promised (ρ < ¼), λ·2/3 when it was good (ρ > ¾)
 DAMPING_UP, DAMPING_DOWN, RHO_LOW, RHO_HIGH = 1.5, 2.0 / 3.0, 0.25, 0.75
+#: the adapted λ stays within these: a network whose loss no step can lower any more (a dead ReLU net
+#: on shapes) had every step rejected and λ grown x1.5 per step past float32's range (3e38) after
+#: ~220 steps -- an error from the next product; the other way λ underflowed to 1e-20 and below
+DAMPING_MIN, DAMPING_MAX = 1e-8, 1e8
 #: iteration counts whose CG iterates backtracking keeps: ⌈1.3ʲ⌉ (Martens 2010, Section 4.6)
 BACKTRACK_GROWTH = 1.3
 
@@ -201,9 +206,9 @@ class BlockHessianFree(torch.optim.Optimizer):
             if self.adapt_damping:
                 rho = actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf
                 if rho < RHO_LOW:
-                    lam *= DAMPING_UP
+                    lam = min(lam * DAMPING_UP, max(DAMPING_MAX, self.damping0))
                 elif rho > RHO_HIGH:
-                    lam *= DAMPING_DOWN
+                    lam = max(lam * DAMPING_DOWN, min(DAMPING_MIN, self.damping0))
         if not rejected:
             for block, d, buf in zip(blocks, directions, buffers):
                 for p, d_p in zip(block.params, _split(d, block.params)):

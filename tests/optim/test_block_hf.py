@@ -15,7 +15,15 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sgdph_tools.optim.block_hf import DAMPING_DOWN, DAMPING_UP, RHO_HIGH, RHO_LOW, BlockHessianFree
+from sgdph_tools.optim.block_hf import (
+    DAMPING_DOWN,
+    DAMPING_MAX,
+    DAMPING_MIN,
+    DAMPING_UP,
+    RHO_HIGH,
+    RHO_LOW,
+    BlockHessianFree,
+)
 from tests.conftest import batch_for, conv_bn_net
 from tests.curvature.test_gauss_newton import brute_force_ggn
 
@@ -151,6 +159,33 @@ def test_a_step_to_a_non_finite_loss_is_taken_back():
     assert all("cg_solution" not in opt.state[p] for p in net.parameters())
     opt.step(closure)  # its calls are the third and fourth: finite, accepted
     assert not opt.last_step["rejected"] and not torch.equal(next(net.parameters()), before[0])
+
+
+def test_damping_stays_within_its_bounds():
+    """Every step rejected (the re-evaluated loss is always higher) raises λ x3/2 per step until it
+    reaches DAMPING_MAX and stays there; every step accepted with ρ ≈ 1 lowers it to DAMPING_MIN.
+    Unbounded, the first overflowed float32 after ~220 steps (a dead network on shapes)."""
+    torch.manual_seed(9)
+    net = mlp().double()
+    x, y = batch_for(net, n=12, dtype=torch.float64)
+    for start, worse, bound in ((1e6, True, DAMPING_MAX), (1e-6, False, DAMPING_MIN)):
+        opt = BlockHessianFree(net, damping=start, cg_max_iters=3)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss, logits = closure_for(opt, net, x, y)()
+            return (loss + 1.0 if worse and len(calls) % 2 == 0 else loss), logits
+
+        lows = []
+        for _ in range(math.ceil(math.log(DAMPING_MAX / start) / math.log(DAMPING_UP)) + 3 if worse else 200):
+            opt.step(closure)
+            assert DAMPING_MIN <= opt.damping <= DAMPING_MAX
+            lows.append(opt.damping == DAMPING_MIN)
+        if worse:
+            assert opt.last_step["rejected"] and opt.damping == bound
+        else:  # on this easy batch most steps have ρ > 3/4: λ reaches its floor (and stays at or above it)
+            assert any(lows)
 
 
 @pytest.mark.parametrize("lam", [1e-3, 0.3])
