@@ -46,8 +46,13 @@ def batch_for(net: nn.Module, n: int = 8, num_classes: int = 3, dtype=torch.floa
     return torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, num_classes, (n,), generator=g)
 
 
-@pytest.fixture
-def free_port() -> int:
+def unused_port() -> int:
+    """A TCP port nothing listens on now (for torch.distributed's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return unused_port()

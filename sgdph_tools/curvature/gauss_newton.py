@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks
+from .. import checks, distributed
 from .recorded import RecordedForward
+from .sharded import gradients_by_backward, is_sharded
 
 __all__ = [
     "gauss_newton_bartlett",
@@ -81,17 +82,25 @@ def bartlett_gradients(
 ) -> tuple[list[Tensor], int]:
     """``(ĝ, B)``: the gradient of the mean cross-entropy of ``logits`` (``B`` rows) against labels
     sampled from their softmax, per parameter (NaN where the logits are not finite)."""
-    _check_logits(logits)
     params = _check_params(params)
+    loss = sampled_label_loss(logits, generator)
+    if loss is None:
+        return [torch.full_like(p, float("nan")) for p in params], logits.shape[0]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+    return list(grads), logits.shape[0]
+
+
+def sampled_label_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+    """The mean cross-entropy of ``logits`` against labels sampled from their softmax (None where the
+    logits are not finite: there is nothing to sample from)."""
+    _check_logits(logits)
     checks.generator("generator", generator)
     probs = torch.softmax(logits.detach().float(), dim=1)
     if not bool(torch.isfinite(probs).all()):
-        return [torch.full_like(p, float("nan")) for p in params], logits.shape[0]
+        return None
     device = generator.device if generator is not None else probs.device
     labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
-    loss = F.cross_entropy(logits, labels)
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
-    return list(grads), logits.shape[0]
+    return F.cross_entropy(logits, labels)
 
 
 #: chunks per batched backward in :func:`bartlett_rows` (time about the same, memory down by c / this)
@@ -231,7 +240,18 @@ class SubBatchGNB(RecordedForward):
         """``(ĝ, b)``: the sub-batch's sampled-label gradients and its size (:func:`bartlett_gradients`);
         with ``chunks`` (an int, or None: one per row), per-chunk gradients instead (:func:`bartlett_rows`)."""
         params = _check_params(params)
-        with self.rerun(params, fraction) as (logits, _):
+        sharded = is_sharded(params)
+        if sharded and chunks is not False:
+            raise ValueError("block estimates of FSDP2-sharded parameters are not supported")
+        with self.rerun(params, fraction) as (logits, rows):
             if chunks is not False:
                 return bartlett_rows(logits, params, chunks, generator)
-            return bartlett_gradients(logits, params, generator)
+            if not sharded:
+                return bartlett_gradients(logits, params, generator)
+            # FSDP2: the gradient by FSDP's backward, averaged over every process's sub-batch, so the
+            # Bartlett square is scaled by the global sub-batch (curvature/sharded.py)
+            loss = sampled_label_loss(logits, generator)
+            if loss is None:  # non-finite logits: NaN estimates, but every process runs the backward
+                loss = logits.sum() * float("nan")
+            grads = gradients_by_backward(loss, params, self.module.parameters())
+            return grads, rows * distributed.world_size()

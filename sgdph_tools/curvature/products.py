@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .replay import ForwardReplay
+from .sharded import global_value, is_sharded
 
 #: ``engine(vectors, wanted) -> [(M v) for params[j], j in wanted]``
 Product = Callable[[dict[int, Tensor], Sequence[int]], list[Tensor]]
@@ -58,13 +59,19 @@ def finite_difference_step(params: Sequence[Tensor], vectors: Sequence[Tensor]) 
     large parameters and absolute (about 3e-4 in float32) for small ones, such as betas at zero.
     """
     eps = torch.finfo(params[0].dtype).eps
-    theta = torch.cat([p.detach().reshape(-1).float() for p in params])
-    v = torch.cat([x.detach().reshape(-1).float() for x in vectors])
-    rms_theta = theta.square().mean().sqrt().item()
-    rms_v = v.square().mean().sqrt().item()
+    rms_theta, rms_v = _rms(params), _rms(vectors)
     if rms_v == 0.0:
         raise ValueError("finite-difference HVP along a zero vector")
     return eps**0.5 * max(1.0, rms_theta) / rms_v
+
+
+def _rms(tensors: Sequence[Tensor]) -> float:
+    """The root-mean-square of all entries of ``tensors`` (FSDP2 shards: over the whole tensors)."""
+    if is_sharded(tensors):  # a global sum of squares per shard: DTensor reduces it across processes
+        total = sum(global_value(t.detach().float().square().sum()) for t in tensors)
+        return (total / sum(t.numel() for t in tensors)).sqrt().item()
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    return flat.square().mean().sqrt().item()
 
 
 class FiniteDifferenceHVP:

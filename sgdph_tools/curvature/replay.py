@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .sharded import gradients_by_backward, is_sharded
+
 LossFn = Callable[[], Tensor]
 
 
@@ -134,6 +136,9 @@ class ForwardReplay:
         self._rng: tuple | None = None
         # set before first(): the activations below one perturbed tensor are recorded and reused
         self.cut: ActivationCut | None = None
+        #: under FSDP2 (sharded inputs) a gradient comes from FSDP's backward, which writes the
+        #: ``.grad`` of every parameter: those to put back afterwards (:mod:`.sharded`)
+        self.every_param: list[Tensor] = []
 
     @property
     def buffers(self) -> list[Tensor]:
@@ -167,6 +172,8 @@ class ForwardReplay:
         """Replay the loss and return its gradients w.r.t. ``inputs`` (zeros where unused)."""
         with self.replaying(reuse):
             loss = _scalar_loss(self.loss_fn())
+            if is_sharded(inputs):
+                return tuple(gradients_by_backward(loss, inputs, self.every_param or inputs))
             return torch.autograd.grad(loss, inputs, materialize_grads=True)
 
 

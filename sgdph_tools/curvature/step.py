@@ -42,6 +42,7 @@ from .gauss_newton import (
 )
 from .products import AutogradHVP, FiniteDifferenceHVP, Product, math_attention, no_double_backward_error
 from .replay import ActivationCut, ClosureReplay, ForwardReplay, cuda_indices
+from .sharded import DTensor, is_sharded
 
 MISSING_GRAPH = (
     "SGDPH needs the gradient graph of the second-order parameters to estimate their Hessian: call "
@@ -152,6 +153,7 @@ class StepCurvature:
             and self.model is not None
             and not isinstance(self.model, nn.parallel.DistributedDataParallel)
             and not is_compiled(self.model)
+            and not is_sharded(self.model.parameters())  # FSDP2 gathers each layer in its own forward hook
         )
 
     def activations_to_reuse(self, target: Tensor, devices: set[torch.device]) -> ActivationCut | None:
@@ -232,6 +234,16 @@ class StepCurvature:
             p.grad = None
         replay = ForwardReplay(forward, devices, self._replay_buffers)
         replay.cut = cut
+        if is_sharded(params):  # FSDP2: its backward writes the gradients, averaged (sharded.py)
+            replay.every_param = params
+            with torch.enable_grad():
+                replay.first().backward()
+            loss, logits = first[0]
+
+            def sharded_product(refresh: list[Tensor]) -> Product:  # unsupported() leaves finite differences
+                return FiniteDifferenceHVP(replay, refresh, [p.grad for p in refresh])
+
+            return StepGradients(loss.detach(), logits, sharded_product)
         double = refreshing and self.needs.double_backward
         create_graph = double and self.engine == "autograd"
         keep_graph = create_graph or (refreshing and self.needs.reads_logits)
@@ -403,11 +415,15 @@ def all_finite(tensors: list[Tensor]) -> bool:
     Per device, one ``cat`` and one check (not a check per tensor: launches count on a GPU)."""
     if not tensors:
         return True
+    sharded = is_sharded(tensors)
+    if sharded:  # FSDP2: each process checks its shards, and all agree (a refresh's collectives follow)
+        tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     devices: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         devices.setdefault(t.device, []).append(t.reshape(-1))
     checks = [torch.isfinite(torch.cat(flat)).all() for flat in devices.values()]
-    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+    finite = bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+    return distributed.all_true(finite, tensors[0].device) if sharded else finite
 
 
 def is_compiled(model: nn.Module | None) -> bool:

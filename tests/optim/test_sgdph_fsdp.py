@@ -1,0 +1,248 @@
+"""SGD-PH on FSDP2-sharded parameters (``fully_shard``): two real processes, gloo on CPU, one launch for
+every check. Against independent truths: a single-process run of the same global batch (the
+finite-difference row sums are deterministic: equal to float64 tolerance), the exact GGN diagonal
+from Jacobians (the Gauss-Newton-Bartlett estimate is sampled: equal in distribution), and an
+uninterrupted run (a ``torch.distributed.checkpoint`` round trip: bit for bit)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from sgdph_tools import SGDPH, sgdph_param_groups
+from sgdph_tools.curvature.gauss_newton import SubBatchGNB, bartlett_curvature
+from tests.conftest import conv_bn_net, ln_mlp, unused_port
+from tests.curvature.test_gauss_newton import brute_force_ggn
+
+WORLD = 2
+STEPS = 4
+FD = dict(lr=0.1, estimator="rowsum", engine="finite_difference")
+GNB = dict(lr=0.1, estimator="gnb", gnb_fraction=0.5)
+DRAWS = 600
+
+
+def tanh_mlp() -> torch.nn.Sequential:
+    """Biases as the 1-D tensors (a LayerNorm's bias before it would have H·1 = 0: it subtracts the mean)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+
+
+def sharded(net):
+    """Every module that owns parameters sharded, then the root (FSDP2's usual wrapping)."""
+    for module in net.modules():
+        if module is not net and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(net)
+    return net
+
+
+def global_batch(net, n=16, dtype=torch.float64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    in_features = next(net.parameters()).shape[1]
+    return torch.randn(n, in_features, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def image_batch(n=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def train(net, opt, x, y, usage, steps):
+    for _ in range(steps):
+
+        def loss_fn():
+            logits = net(x)
+            return F.cross_entropy(logits, y), logits
+
+        def closure():
+            opt.zero_grad()
+            loss, logits = loss_fn()
+            loss.backward()
+            return loss, logits
+
+        opt.step(closure) if usage == "closure" else opt.step(loss_fn=loss_fn)
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        # 1. Finite-difference row sums, both usages: the whole run on the rank's rows of the batch.
+        for usage in ("loss_fn", "closure"):
+            net = sharded(tanh_mlp())
+            x, y = global_batch(net)
+            opt = SGDPH(sgdph_param_groups(net), **FD)
+            train(net, opt, x[rank::WORLD], y[rank::WORLD], usage, STEPS)
+            results[f"fd-{usage}"] = [full(p).detach() for p in net.parameters()]
+
+        # 2. The sub-batch GNB estimate under FSDP: its mean over draws against the exact GGN diagonal
+        # of the rows every process's sub-batch holds (LayerNorm: rows do not interact).
+        torch.manual_seed(0)
+        plain = ln_mlp().double()
+        torch.manual_seed(0)
+        net = sharded(ln_mlp().double())  # the same weights
+        x, _ = global_batch(net)
+        x = x[rank::WORLD]
+        tagged = {id(p) for g in sgdph_param_groups(net) if g["second_order"] for p in g["params"]}
+        index = [i for i, p in enumerate(net.parameters()) if id(p) in tagged]
+        second = [list(net.parameters())[i] for i in index]
+        gnb = SubBatchGNB(net, list(net.buffers()))
+        net(x)  # the recorded forward
+        draws = []
+        for k in range(DRAWS):
+            generator = torch.Generator().manual_seed(1000 * rank + k)
+            draws.append(
+                torch.cat([full(h).reshape(-1) for h in bartlett_curvature(*gnb.sampled(second, 0.5, generator))])
+            )
+        plain_params = list(plain.parameters())
+        G, _ = brute_force_ggn(plain, x[: len(x) // 2], [plain_params[i] for i in index])
+        exact = G.diagonal().clone()
+        dist.all_reduce(exact)
+        results["gnb"] = (torch.stack(draws), exact / WORLD)
+
+        # 3. The recipes' default mode (GNB on a quarter, normalized) on a conv-BN net: it learns, and the
+        # state is sharded like the parameters.
+        torch.manual_seed(0)
+        net = sharded(conv_bn_net())
+        opt = SGDPH(sgdph_param_groups(net), lr=0.1, estimator="gnb", gnb_fraction=0.25, model=net)
+        x, y = image_batch()
+        losses = []
+        for _ in range(12):
+            losses.append(
+                opt.step(
+                    loss_fn=lambda: (F.cross_entropy(logits := net(x[rank::WORLD]), y[rank::WORLD]), logits)
+                ).item()
+            )
+        results["losses"] = losses
+        results["sharded_state"] = all(
+            isinstance(v, DTensor) and v.placements == p.placements and v.to_local().shape == p.to_local().shape
+            for p in net.parameters()
+            for v in opt.state[p].values()
+            if isinstance(v, torch.Tensor) and v.ndim > 0
+        )
+        results["refreshed"] = sum(opt.state[p].get("hessian_refreshes", 0) > 0 for p in net.parameters())
+
+        # 4. torch.distributed.checkpoint: save after 2 steps, restore into fresh ones, continue.
+        def build():
+            torch.manual_seed(0)
+            net = sharded(conv_bn_net())
+            return net, SGDPH(sgdph_param_groups(net), lr=0.1, estimator="gnb", gnb_fraction=0.5, model=net)
+
+        def run(net, opt, start, steps):
+            for step in range(start, start + steps):
+                xs, ys = image_batch(seed=step)
+                opt.step(loss_fn=lambda: (F.cross_entropy(lg := net(xs[rank::WORLD]), ys[rank::WORLD]), lg))
+
+        net, opt = build()
+        run(net, opt, 0, 2)
+        path = os.path.join(out_dir, "dcp")
+        dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=path)
+        run(net, opt, 2, 3)
+        net2, opt2 = build()
+        run(net2, opt2, 7, 1)  # different state, to be replaced
+        template = {"model": get_model_state_dict(net2), "optim": get_optimizer_state_dict(net2, opt2)}
+        dcp.load(template, checkpoint_id=path)
+        set_model_state_dict(net2, template["model"])
+        set_optimizer_state_dict(net2, opt2, template["optim"])
+        run(net2, opt2, 2, 3)
+        results["dcp_equal"] = all(
+            torch.equal(a.to_local(), b.to_local()) for a, b in zip(net.parameters(), net2.parameters())
+        )
+        results["dcp_state_equal"] = all(
+            torch.equal(full(a), full(b))
+            for p, q in zip(net.parameters(), net2.parameters())
+            for a, b in zip(opt.state[p].values(), opt2.state[q].values())
+            if isinstance(a, torch.Tensor)
+        )
+
+        # 5. Modes that cannot work under FSDP2 are refused at construction, with the fix named.
+        errors = {}
+        for name, options in {
+            "autograd": dict(estimator="rowsum", engine="autograd"),
+            "gnb-logits": dict(estimator="gnb"),
+            "block": dict(rule="block_newton", estimator="gnb", gnb_fraction=0.5),
+            "hutchinson": dict(estimator="hutchinson", engine="finite_difference"),
+        }.items():
+            try:
+                SGDPH(sgdph_param_groups(net), model=net, **options)
+            except ValueError as error:
+                errors[name] = str(error)
+        results["errors"] = errors
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "rank0.pt"))
+        dist.barrier()  # gloo tears down badly when one process leaves while the other still talks
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    """One launch of two processes for every test of this module (launches cost seconds each)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(worker, args=(unused_port(), str(out)), nprocs=WORLD, join=True)
+    return torch.load(out / "rank0.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("usage", ["loss_fn", "closure"])
+def test_finite_difference_rowsum_matches_one_process_on_the_global_batch(fsdp_results, usage):
+    net = tanh_mlp()
+    x, y = global_batch(net)
+    opt = SGDPH(sgdph_param_groups(net), **FD)
+    train(net, opt, x, y, "loss_fn", STEPS)
+    refreshed = [s["hessian_ema"] for s in opt.state.values() if s.get("hessian_refreshes")]
+    assert len(refreshed) >= 2 and all(h.abs().max() > 1e-3 for h in refreshed)  # curvature that matters
+    # a forward difference in float64 (step ~1.5e-8) carries ~1e-8 relative rounding, which the sum order
+    # (two processes' rows vs one) changes; a wrong scale or a missing average would be off by percent
+    for got, want in zip(fsdp_results[f"fd-{usage}"], net.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_gnb_is_unbiased_for_the_global_sub_batch(fsdp_results):
+    """Scaled by the global sub-batch (both processes' rows), the estimate's mean is the exact GGN
+    diagonal; scaled by one process's rows it would be half of it."""
+    draws, exact = fsdp_results["gnb"]
+    mean, se = draws.mean(0), draws.std(0) / DRAWS**0.5
+    assert (mean - exact).abs().le(5 * se + 1e-12).all()
+    assert float(mean.sum() / exact.sum()) == pytest.approx(1.0, abs=0.12)
+
+
+def test_default_mode_learns_with_sharded_state(fsdp_results):
+    losses = fsdp_results["losses"]
+    assert losses[-1] < 0.9 * losses[0]
+    assert fsdp_results["sharded_state"]
+    assert fsdp_results["refreshed"] > 0
+
+
+def test_dcp_round_trip_continues_bit_for_bit(fsdp_results):
+    assert fsdp_results["dcp_equal"] and fsdp_results["dcp_state_equal"]
+
+
+def test_modes_that_cannot_shard_are_refused_with_the_fix(fsdp_results):
+    errors = fsdp_results["errors"]
+    assert set(errors) == {"autograd", "gnb-logits", "block", "hutchinson"}
+    assert "double backward" in errors["autograd"] and "finite_difference" in errors["autograd"]
+    assert "gnb_fraction" in errors["gnb-logits"]
+    assert "rule='normalized'" in errors["block"]
+    assert "estimator='gnb' with gnb_fraction" in errors["hutchinson"]
