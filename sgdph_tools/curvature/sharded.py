@@ -78,6 +78,15 @@ def unsupported(estimator: str, engine: str, gnb_fraction: float | None, rules: 
     return None
 
 
+def check_sharded(param_groups: list[dict], estimator: str, engine: str, gnb_fraction: float | None) -> None:
+    """Raise ``ValueError`` naming the fix when the groups hold FSDP2 shards and the mode cannot run on them."""
+    if is_sharded(p for g in param_groups for p in g["params"]):
+        rules = [g.get("rule", "paper") for g in param_groups if g.get("second_order")]
+        reason = unsupported(estimator, engine, gnb_fraction, rules)
+        if reason is not None:
+            raise ValueError(reason)
+
+
 def gradients_by_backward(loss: Tensor, params: Sequence[Tensor], every_param: Iterable[Tensor]) -> list[Tensor]:
     """The gradient of ``loss`` for each of ``params`` (sharded), averaged over processes by FSDP's
     reduce-scatter, taken by ``loss.backward()``; the ``.grad`` of ``every_param`` (the model's

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from ..curvature import ENGINES, ESTIMATORS, AmpScale, Needs, StepCurvature, check_choice
 from ..curvature.capabilities import DEFAULT_GNB_FRACTION, STOCHASTIC
-from ..curvature.sharded import is_sharded, unsupported
+from ..curvature.sharded import check_sharded
 from .block import (
     BLOCK_RULES,
     DEFAULT_BLOCK_CHUNKS,
@@ -272,11 +272,7 @@ class SGDPH(Optimizer):
         self._exact_blocks = exact = exact_mode(self.param_groups, self.estimator, self.engine, self.hessian_every)
         self.curvature.block_chunks = self.param_groups[0]["block_chunks"]
         self.curvature.configure(self.estimator, self.engine, self.gnb_fraction, exact)
-        if is_sharded(p for g in self.param_groups for p in g["params"]):  # FSDP2: refuse before the first step
-            rules = [g.get("rule", "paper") for g in self.param_groups if g["second_order"]]
-            reason = unsupported(self.estimator, self.engine, self.gnb_fraction, rules)
-            if reason is not None:
-                raise ValueError(reason)
+        check_sharded(self.param_groups, self.estimator, self.engine, self.gnb_fraction)  # FSDP2: before a step
 
     @property
     def gnb_fraction(self) -> float | None:
