@@ -136,7 +136,7 @@ def _print_report(per_run: list[dict], per_experiment: list[dict]) -> None:
     for e in per_experiment:
         table.add_row(
             e["experiment"],
-            str(e["world_size"] or "?"),
+            f"{e['world_size'] or '?'}{' (fsdp)' if e['strategy'] == 'fsdp' else ''}",
             str(e["runs"]),
             str(e["distinct_seeds"]),
             str(e["diverged"]),

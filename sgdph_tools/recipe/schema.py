@@ -155,6 +155,9 @@ class TrainerCfg:
     name: str | None = None  # run folder name; default: the recipe's file name and the seed
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (not with double backward)
+    # processes (--nproc, torchrun): ddp replicates the model in each; fsdp shards parameters, gradients and
+    # optimizer state across them (FSDP2, fully_shard per block and the root; docs/training.md)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     grad_clip: float | None = key(None, interval=open_open(0, INF))  # max gradient norm
     # CPU threads per process; null: the usable CPUs split over this machine's processes
     threads: int | None = key(None, at_least=1)

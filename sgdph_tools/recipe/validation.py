@@ -13,6 +13,7 @@ import typing
 from typing import Any, Literal
 
 from ..curvature.capabilities import needs
+from ..curvature.sharded import unsupported
 from ..errors import UserError, did_you_mean
 from .schema import APPLIES_TO, RAN_WITH_BEFORE, SECTIONS, OptimizerCfg, Recipe
 
@@ -250,6 +251,8 @@ def check_semantics(recipe: Recipe) -> None:
                 "optimizer.name=block_hf cannot run with trainer.precision=fp16 (its closure is evaluated again "
                 "without a GradScaler): use trainer.precision=bf16 or fp32"
             )
+    if t.strategy == "fsdp":
+        check_fsdp(o, t)
     exact_blocks = o.name == "sgdph" and o.rule == "block_newton" and o.engine == "gauss_newton"
     double_backward = o.name == "sgdph" and needs(o.estimator, o.engine, exact_blocks=exact_blocks).double_backward
     if t.compile and (o.name == "adahessian" or double_backward):
@@ -258,6 +261,24 @@ def check_semantics(recipe: Recipe) -> None:
             "differentiate: use optimizer.engine=finite_difference or optimizer.estimator=gnb with sgdph, "
             "or trainer.compile=false"
         )
+
+
+def check_fsdp(o: OptimizerCfg, t: Any) -> None:
+    """What trainer.strategy=fsdp can run (``sgdph_tools/curvature/sharded.py`` says why)."""
+    if o.name == "sgdph":
+        reason = unsupported(o.estimator, o.engine, o.gnb_fraction, [o.rule])
+        if reason is not None:
+            raise UserError(f"trainer.strategy=fsdp: {reason}")
+    elif o.name in ("block_hf", "adahessian"):
+        why = "GGN-vector products" if o.name == "block_hf" else "a double backward"
+        raise UserError(
+            f"optimizer.name={o.name} needs {why}, which FSDP2's sharded parameters do not give: use "
+            "trainer.strategy=ddp, or optimizer.name=sgdph"
+        )
+    if t.precision == "fp16":
+        raise UserError("trainer.strategy=fsdp runs fp32 or bf16 (FSDP2's mixed precision): use trainer.precision=bf16")
+    if t.compile:
+        raise UserError("trainer.compile with trainer.strategy=fsdp is not supported yet: set trainer.compile=false")
 
 
 def resolve_sgdph_choices(o: OptimizerCfg) -> None:

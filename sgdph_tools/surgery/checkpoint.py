@@ -11,6 +11,7 @@ changes and loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,10 @@ def is_converted(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") in (FORMAT, TRAIN_FORMAT)
 
 
-def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, dict | None]:
+def rebuild_converted(payload: dict[str, Any], path: Path | None = None) -> tuple[nn.Module, ModelSpec, dict | None]:
     """Rebuild the model a checkpoint describes and load its weights. ``conversion`` is None for a
-    trained model that was not converted."""
+    trained model that was not converted. A checkpoint of a sharded run (``trainer.strategy: fsdp``)
+    names a ``torch.distributed.checkpoint`` folder beside ``path`` that holds the weights."""
     if payload.get("version", 0) > (TRAIN_VERSION if payload.get("format") == TRAIN_FORMAT else VERSION):
         raise UserError(f"checkpoint format version {payload['version']} is newer than this sgdph-tools understands")
     spec = ModelSpec(**payload["model"])
@@ -110,8 +112,28 @@ def rebuild_converted(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec, di
             # checkpoints written before the option existed gave every decoupled layer a bias
             add_bias=conversion.get("add_bias", True),
         )
-    _load_state_dict(model, payload["state_dict"], spec.display_name)
+    if payload.get("sharded_state"):
+        _load_sharded_weights(model, payload["sharded_state"], path)
+    else:
+        _load_state_dict(model, payload["state_dict"], spec.display_name)
     return model, spec, conversion
+
+
+def _load_sharded_weights(model: nn.Module, name: str, path: Path | None) -> None:
+    """The model's weights from the DCP folder ``name`` beside ``path``, gathered whole (one process)."""
+    import torch.distributed.checkpoint as dcp  # only sharded checkpoints need it
+
+    folder = (path.parent if path is not None else Path(".")) / name
+    if not folder.is_dir():
+        raise UserError(f"the checkpoint's weights are in {folder}, which is missing: copy the run folder whole")
+    state = model.state_dict()
+    try:
+        with warnings.catch_warnings():  # that one process reads it is the point, not news
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, checkpoint_id=folder, no_dist=True)
+    except Exception as exc:  # DCP raises its own CheckpointException types
+        raise UserError(f"cannot read the sharded weights in {folder}: {str(exc).splitlines()[0][:200]}") from None
+    model.load_state_dict(state)
 
 
 def _load_state_dict(model: nn.Module, state_dict: dict, what: str) -> None:
@@ -165,7 +187,7 @@ def load_model(
         return create_model_for_size(spec, img_size), spec, None
     payload = read_checkpoint(path)
     if is_converted(payload):
-        return rebuild_converted(payload)
+        return rebuild_converted(payload, path)
     state_dict = plain_state_dict(payload)
     if state_dict is None:
         raise UserError(f"{path} holds no state_dict: expected a converted checkpoint or a state_dict")

@@ -4,6 +4,7 @@ channels, converted when asked), and the checks ``--dry-run`` adds to the recipe
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -17,18 +18,28 @@ from ..surgery.rewrite import convert, example_input_for
 from .optimizers import build_optimizer
 
 
-def init_distributed() -> tuple[int, int, int, bool]:
+def init_distributed(always: bool = False) -> tuple[int, int, int, bool]:
     """(rank, world size, local rank, created) from torchrun's environment; initialises the process
-    group (NCCL on GPUs, gloo on CPUs) when there is more than one process and none exists yet."""
+    group (NCCL on GPUs, gloo on CPUs) when there is more than one process and none exists yet --
+    or, with ``always`` (FSDP2 shards over a process group), a group of this one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or always) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # one process started without torchrun
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_unused_port()}", rank=0, world_size=1)
         return rank, world, local_rank, True
     return rank, world, local_rank, False
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def model_spec(recipe: Recipe, num_classes: int, in_chans: int) -> ModelSpec:

@@ -75,6 +75,7 @@ class StepSettings:
     scaler: torch.amp.GradScaler | None
     grad_clip: float | None
     channels_last: bool
+    sharded: bool = False  # FSDP2: every process must run as many forwards (each gathers parameters)
 
     def autocast(self):
         if self.precision == "fp32":
@@ -211,6 +212,7 @@ def evaluate(model, loader, s: StepSettings, split: str = "test") -> dict:
     prefix: ``val`` or ``test``), exact over processes."""
     model.eval()
     totals = torch.zeros(4, device=s.device, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    x = None
     for batch in loader:
         x, y = _to_device(batch, s)
         with s.autocast():
@@ -222,5 +224,11 @@ def evaluate(model, loader, s: StepSettings, split: str = "test") -> dict:
         totals[1] += hits[:, 0].sum()
         totals[2] += hits.any(1).sum()
         totals[3] += y.numel()
+    if s.sharded:  # the evaluation split is not padded (sums stay exact): the shorter shards run idle forwards
+        most = torch.tensor([len(loader)], device=s.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(most.item()) - len(loader)):
+            with s.autocast():
+                model(x)
     loss_sum, top1, top5, count = distributed.all_reduce_sum_(totals).tolist()
     return {f"{split}_loss": loss_sum / count, f"{split}_acc1": 100 * top1 / count, f"{split}_acc5": 100 * top5 / count}

@@ -169,6 +169,7 @@ def summarize(runs: list[Run], include_unfinished: bool = False) -> tuple[list[d
             {
                 "experiment": members[0].label,
                 "world_size": members[0].world_size,
+                "strategy": members[0].recipe["trainer"].get("strategy", "ddp"),  # a recipe key: groups apart
                 "runs": len(members),
                 "seeds": seeds,
                 "distinct_seeds": len(set(seeds)),

@@ -10,6 +10,7 @@ from ..errors import UserError
 from ..recipe import with_defaults
 from .metrics import append_metrics, truncate_metrics
 from .progress import log
+from .sharding import load_sharded
 from .state import load_training_state, set_rng_state
 
 # Keys that may differ between a run and its resumption: freely (they change nothing computed) ...
@@ -38,6 +39,7 @@ RESUME_ADJUSTABLE = (
     "trainer.divergence_factor",
     "trainer.divergence_patience",
     "trainer.eval_batch_size",
+    "trainer.strategy",  # fsdp -> ddp (the shards load whole); a ddp checkpoint does not load sharded
 )
 
 
@@ -75,11 +77,21 @@ def restore_run(self: Any, allow_changes: bool) -> None:
             "add --allow-changes (the change is recorded in metrics.jsonl), or resume with the same recipe, "
             "overrides and process count"
         )
-    self.model.load_state_dict(state["state_dict"])
-    self.optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded_state"):  # FSDP's shards, resharded to how this run holds them (sharding.py)
+        folder = self.run_dir / state["sharded_state"]
+        if not folder.is_dir():
+            raise UserError(f"{path} names the sharded state {folder}, which is missing: copy the run folder whole")
+        load_sharded(folder, self.model, self.optimizer)
+    elif self.sharded:
+        raise UserError(f"{path} was written without FSDP (trainer.strategy=ddp): resume it with trainer.strategy=ddp")
+    else:
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
     self.scheduler.load_state_dict(state["scheduler"])
     if self.scaler is not None and state["scaler"] is not None:
         self.scaler.load_state_dict(state["scaler"])
+    best = self.run_dir / "best.pt"  # the DCP folder it names is kept until a new best replaces it
+    self._best_folder = load_training_state(best).get("sharded_state") if best.is_file() else None
     set_rng_state(state["rng"], self.device)
     self.start_epoch, self.best_val = state["epoch"], (state["best_val_acc1"], -state["best_val_loss"])
     self.guard.reference = state.get("loss_reference")

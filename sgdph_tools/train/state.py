@@ -50,7 +50,10 @@ def save_training_state(
     device: torch.device,
     loss_reference: float | None = None,
     world_size: int = 1,
+    sharded_state: str | None = None,
 ) -> Path:
+    """``sharded_state``: the name of the DCP folder beside ``path`` that holds the model's and the
+    optimizer's shards (``trainer.strategy: fsdp``, :mod:`.sharding`); they are then not in the file."""
     return atomic_save(
         {
             "format": FORMAT,
@@ -59,8 +62,9 @@ def save_training_state(
             "recipe": recipe,
             "model": model_spec,
             "conversion": conversion,
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "state_dict": model.state_dict() if sharded_state is None else None,
+            "optimizer": optimizer.state_dict() if sharded_state is None else None,
+            "sharded_state": sharded_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(device),

@@ -32,6 +32,7 @@ from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, valida
 from .optimizers import build_optimizer, build_scheduler
 from .progress import Progress, log
 from .resume import RESUME_ADJUSTABLE, restore_run, set_aside_earlier_files
+from .sharding import remove_unreferenced, save_sharded, shard_model, sharded_folder
 from .state import save_training_state
 
 __all__ = ["RESUME_ADJUSTABLE", "Trainer", "check_buildable", "model_fingerprint"]
@@ -49,7 +50,8 @@ def model_fingerprint(model: nn.Module) -> str:
 class Trainer:
     def __init__(self, recipe: Recipe, *, resume: bool = False, allow_changes: bool = False):
         self.recipe, t = recipe, recipe.trainer
-        self.rank, self.world, local_rank, self._owns_process_group = init_distributed()
+        self.sharded = t.strategy == "fsdp"  # FSDP2 (sharding.py); otherwise DDP past one process
+        self.rank, self.world, local_rank, self._owns_process_group = init_distributed(always=self.sharded)
         self.device = training_device(recipe, local_rank)
         use_cuda = self.device.type == "cuda"
         self.run_dir = Path(t.output_dir) / t.name
@@ -86,9 +88,13 @@ class Trainer:
                 "add_bias": report.add_bias,
             }
             log(f"converted {self.spec.display_name}: {len(report.decoupled)} layers decoupled")
-        self.model = model.to(self.device)
+        if self.sharded:  # before the optimizer sees the parameters; on a GPU, the shards go to it (not the whole)
+            self.model = shard_model(model, t.precision, self.device)
+        else:
+            self.model = model.to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._best_folder: str | None = None  # the DCP folder best.pt names (fsdp)
 
         # Optimizer, schedule, mixed precision.
         self.optimizer = build_optimizer(recipe.optimizer, self.model)
@@ -105,7 +111,7 @@ class Trainer:
             recipe.schedule, self.optimizer, t.epochs, len(self.loaders.train), recipe.optimizer.lr
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
-        self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last)
+        self.settings = StepSettings(self.device, t.precision, self.scaler, t.grad_clip, t.channels_last, self.sharded)
         self.start_epoch, self.best_val = 0, (float("-inf"), float("-inf"))  # validation_rank of best.pt
         self.guard = DivergenceGuard(t.divergence_factor, t.divergence_patience, num_classes=self.data.num_classes)
         if not resume and (self.run_dir / "last.pt").exists():
@@ -129,7 +135,7 @@ class Trainer:
         # Processes and compilation wrap the model used for forward passes; self.model stays the
         # plain module whose state_dict is saved.
         self.net: nn.Module = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             # DDP's default re-broadcasts rank 0's buffers (BatchNorm statistics) at every forward.
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if use_cuda else None
@@ -161,7 +167,8 @@ class Trainer:
             (self.run_dir / DIVERGED).unlink(missing_ok=True)  # a new attempt: not diverged (yet)
         log(
             f"training {self.spec.display_name} on {self.recipe.data.name} with {self.recipe.optimizer.name}: "
-            f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) on {self.device.type} "
+            f"{t.epochs} epochs, batch {t.batch_size}, {self.world} process(es) ({self._strategy_words()}) "
+            f"on {self.device.type} "
             f"({self.threads} CPU thread(s) each), {t.precision}; output {self.run_dir}"
         )
         progress = Progress(enabled=t.progress and self.rank == 0, total=len(self.loaders.train))
@@ -210,7 +217,8 @@ class Trainer:
                 "seconds": time.perf_counter() - start,
             }
             row["world_size"] = self.world  # processes: reports keep DDP and single-process runs apart
-            if self.world > 1:
+            row["strategy"] = self.recipe.trainer.strategy
+            if self.world > 1 and not self.sharded:  # FSDP's processes hold different shards by design
                 row["replicas_in_sync"] = self._replicas_in_sync()
             self._end_epoch(epoch, row)
             for hook in self.on_epoch_end:
@@ -226,18 +234,25 @@ class Trainer:
             f"test loss {row['test_loss']:.4f}  top-1 {row['test_acc1']:.2f}%  top-5 {row['test_acc5']:.2f}%  "
             f"lr {row['lr']:.3g}  {row['train_images_per_second']:.0f} img/s  {row['seconds']:.1f}s"
         )
-        if self.rank != 0:
-            return
-        append_metrics(self.run_dir / "metrics.jsonl", row)
-        plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png", self.run_dir.name)
+        if self.rank == 0:
+            append_metrics(self.run_dir / "metrics.jsonl", row)
+            plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png", self.run_dir.name)
+        elif not self.sharded:
+            return  # the checkpoint is rank 0's; under FSDP every process writes its shards
         # best.pt is chosen on validation only; without a validation set there is none (the test set
-        # is reported, never selected on).
+        # is reported, never selected on). (The same decision on every process: the rows are reduced.)
         if self.guard.strikes:  # the loss is exploding right now: keep the last good checkpoint as it is
             log(f"epoch {epoch + 1}: the training loss is far above its start; last.pt is not overwritten")
             return
         is_best = "val_acc1" in row and validation_rank(row) > self.best_val
         if is_best:
             self.best_val = validation_rank(row)
+        folder = None
+        if self.sharded:  # the shards first; the .pt files that name the folder after (sharding.py)
+            folder = sharded_folder(self.run_dir, "state", epoch + 1)
+            save_sharded(folder, self.model, self.optimizer)
+            if self.rank != 0:
+                return
         state = dict(
             recipe=self.recipe.as_dict(),
             model_spec=self.spec.as_dict(),
@@ -252,10 +267,17 @@ class Trainer:
             device=self.device,
             loss_reference=self.guard.reference,
             world_size=self.world,
+            sharded_state=folder.name if folder is not None else None,
         )
         save_training_state(self.run_dir / "last.pt", **state)
         if is_best:
             save_training_state(self.run_dir / "best.pt", **state)
+            self._best_folder = state["sharded_state"]
+        # the DCP folders neither checkpoint names (also after a sharded run was resumed without FSDP)
+        remove_unreferenced(self.run_dir, {state["sharded_state"], self._best_folder})
+
+    def _strategy_words(self) -> str:
+        return "FSDP2, sharded" if self.sharded else "DDP" if self.world > 1 else "one process"
 
     def _replicas_in_sync(self) -> bool:
         prints = [None] * self.world

@@ -25,6 +25,8 @@ from torch.distributed.tensor import DTensor
 
 from sgdph_tools import SGDPH, sgdph_param_groups
 from sgdph_tools.curvature.gauss_newton import SubBatchGNB, bartlett_curvature
+from sgdph_tools.surgery.rewrite import convert
+from sgdph_tools.train.sharding import shard_model
 from tests.conftest import conv_bn_net, ln_mlp, unused_port
 from tests.curvature.test_gauss_newton import brute_force_ggn
 
@@ -41,6 +43,30 @@ def tanh_mlp() -> torch.nn.Sequential:
     return torch.nn.Sequential(
         torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
     ).double()
+
+
+def wn_net() -> torch.nn.Module:
+    """A small conv net without normalisation, converted to weight-normalised layers (the surgery)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(4, 5, 3),
+        torch.nn.Tanh(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(5, 3),
+    )
+    converted, report = convert(net, wn=True, example_input=torch.randn(2, 2, 6, 6))
+    assert report.decoupled
+    return converted.double()
+
+
+def sgd_steps(net, opt, x, y):
+    for _ in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
 
 
 def sharded(net):
@@ -97,6 +123,19 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             train(net, opt, x[rank::WORLD], y[rank::WORLD], usage, STEPS)
             results[f"fd-{usage}"] = [full(p).detach() for p in net.parameters()]
 
+        # 1b. The same for a weight-normalised net (direction, gamma and bias sharded along the output
+        # channels), and torch's SGD with momentum (the SGDM baseline) on the MLP.
+        net = sharded(wn_net())
+        x, y = image_batch(seed=5)
+        opt = SGDPH(sgdph_param_groups(net), **FD)
+        train(net, opt, x[rank::WORLD].double(), y[rank::WORLD], "loss_fn", STEPS)
+        results["fd-wn"] = [full(p).detach() for p in net.parameters()]
+        net = sharded(tanh_mlp())
+        x, y = global_batch(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        sgd_steps(net, opt, x[rank::WORLD], y[rank::WORLD])
+        results["sgdm"] = [full(p).detach() for p in net.parameters()]
+
         # 2. The sub-batch GNB estimate under FSDP: its mean over draws against the exact GGN diagonal
         # of the rows every process's sub-batch holds (LayerNorm: rows do not interact).
         torch.manual_seed(0)
@@ -143,6 +182,23 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             if isinstance(v, torch.Tensor) and v.ndim > 0
         )
         results["refreshed"] = sum(opt.state[p].get("hessian_refreshes", 0) > 0 for p in net.parameters())
+
+        # 3b. trainer.precision=bf16's policy (train/sharding.py): what each layer computes with
+        torch.manual_seed(0)
+        net = shard_model(conv_bn_net(), "bf16", torch.device("cpu"))
+        seen = {}
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+
+                def record(m, args):  # a pre-hook returning something would replace the inputs
+                    kind = "norm" if isinstance(m, torch.nn.BatchNorm2d) else "conv"  # (FSDP renames the class)
+                    seen.setdefault(kind, (m.weight.dtype, args[0].dtype))
+
+                module.register_forward_pre_hook(record)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(image_batch()[0][rank::WORLD])
+        bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        results["bf16"] = {**seen, "running_mean": bn.running_mean.dtype}
 
         # 4. torch.distributed.checkpoint: save after 2 steps, restore into fresh ones, continue.
         def build():
@@ -219,6 +275,21 @@ def test_finite_difference_rowsum_matches_one_process_on_the_global_batch(fsdp_r
         torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_a_weight_normalised_net_and_torch_sgd_match_one_process(fsdp_results):
+    net = wn_net()
+    x, y = image_batch(seed=5)
+    opt = SGDPH(sgdph_param_groups(net), **FD)
+    train(net, opt, x.double(), y, "loss_fn", STEPS)
+    assert any(s.get("hessian_refreshes") for s in opt.state.values())
+    for got, want in zip(fsdp_results["fd-wn"], net.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+    net = tanh_mlp()
+    x, y = global_batch(net)
+    sgd_steps(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), x, y)
+    for got, want in zip(fsdp_results["sgdm"], net.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_gnb_is_unbiased_for_the_global_sub_batch(fsdp_results):
     """Scaled by the global sub-batch (both processes' rows), the estimate's mean is the exact GGN
     diagonal; scaled by one process's rows it would be half of it."""
@@ -233,6 +304,13 @@ def test_default_mode_learns_with_sharded_state(fsdp_results):
     assert losses[-1] < 0.9 * losses[0]
     assert fsdp_results["sharded_state"]
     assert fsdp_results["refreshed"] > 0
+
+
+def test_bf16_gathers_in_bf16_and_keeps_norm_layers_in_float32(fsdp_results):
+    dtypes = fsdp_results["bf16"]
+    assert dtypes["conv"][0] == torch.bfloat16
+    assert dtypes["norm"] == (torch.float32, torch.float32)  # its parameters and its input
+    assert dtypes["running_mean"] == torch.float32
 
 
 def test_dcp_round_trip_continues_bit_for_bit(fsdp_results):

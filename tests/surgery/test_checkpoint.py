@@ -83,3 +83,30 @@ def test_export_refuses_what_the_plain_architecture_cannot_hold():
     stripped, _ = convert(create_model(stripped_spec), strip_norm=True)
     with pytest.raises(UserError, match="--strip-norm has no plain equivalent"):
         export_plain(stripped, stripped_spec)
+
+
+def test_a_sharded_checkpoint_loads_its_weights_from_its_dcp_folder(tmp_path):
+    """``trainer.strategy: fsdp`` writes the weights with torch.distributed.checkpoint to a folder the
+    ``.pt`` names (its ``state_dict`` is None); inspect and export read them from there, whole."""
+    import torch.distributed.checkpoint as dcp
+
+    spec = ModelSpec("small_cnn_nobn", kwargs={"num_classes": 4})
+    model, report = convert(create_model(spec))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("bias"):  # (a bias the plain layer lacks must stay zero to export)
+                p.mul_(1 + torch.rand_like(p))  # not what a fresh model holds
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "state-e1.dcp", no_dist=True)
+    path = save_converted(tmp_path / "last.pt", model, spec, report)
+    payload = torch.load(path, weights_only=True)
+    payload.update(state_dict=None, sharded_state="state-e1.dcp")
+    torch.save(payload, path)
+    loaded, _, conversion = load_model(str(path))
+    assert conversion["layers"] == report.decoupled
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    _, error = export_plain(loaded, spec)
+    assert error < 1e-4
+    (tmp_path / "state-e1.dcp").rename(tmp_path / "moved.dcp")
+    with pytest.raises(UserError, match="which is missing: copy the run folder whole"):
+        load_model(str(path))

@@ -42,7 +42,7 @@ def test_two_processes_end_identical(tmp_path, engine):
         env={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 process(es) on cpu" in result.stdout
+    assert "2 process(es) (DDP) on cpu" in result.stdout
     rows = read_metrics(tmp_path / "runs" / "recipe-s0" / "metrics.jsonl")
     assert len(rows) == 2
     assert all(r["replicas_in_sync"] for r in rows)  # sha256 of every parameter and buffer, all-gathered
