@@ -7,6 +7,7 @@ uninterrupted run (a ``torch.distributed.checkpoint`` round trip: bit for bit)."
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -251,13 +252,22 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.barrier()  # gloo tears down badly when one process leaves while the other still talks
     finally:
         dist.destroy_process_group()
+    open(os.path.join(out_dir, f"done{rank}"), "w").close()  # every step of this process completed
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     """One launch of two processes for every test of this module (launches cost seconds each)."""
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(worker, args=(unused_port(), str(out)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(worker, args=(unused_port(), str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as error:
+        # Seen once in ~20 launches under load: a worker aborted by a signal ("terminate called without an
+        # active exception") at interpreter exit, after its process group was destroyed and its work done --
+        # a gloo/FSDP teardown race, not a result. Anything earlier (no marker) is a failure.
+        if not all((out / f"done{r}").exists() for r in range(WORLD)):
+            raise
+        warnings.warn(f"an FSDP worker died at exit after finishing its work: {error}", stacklevel=1)
     return torch.load(out / "rank0.pt", weights_only=False)
 
 
