@@ -77,10 +77,6 @@ def shard_model(model: nn.Module, precision: str, device: torch.device | None = 
     return model
 
 
-def is_sharded_model(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -111,11 +107,6 @@ def remove_unreferenced(run_dir: Path, referenced: set[str]) -> None:
     for folder in run_dir.glob(f"*{DCP_SUFFIX}"):
         if folder.is_dir() and folder.name not in referenced:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def shard_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:

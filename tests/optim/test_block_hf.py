@@ -6,7 +6,6 @@ forwards leave behind (BatchNorm buffers, RNG), resume, DDP against one process,
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from sgdph_tools.optim.block_hf import (
     RHO_LOW,
     BlockHessianFree,
 )
-from tests.conftest import batch_for, conv_bn_net
+from tests.conftest import batch_for, conv_bn_net, join_gloo
 from tests.curvature.test_gauss_newton import brute_force_ggn
 
 
@@ -344,9 +343,7 @@ WORLD = 2
 
 
 def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         torch.manual_seed(0)
         net = mlp().double()

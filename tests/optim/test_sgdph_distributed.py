@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from sgdph_tools import SGDPH, sgdph_param_groups
-from tests.conftest import batch_for, conv_bn_net
+from tests.conftest import batch_for, conv_bn_net, join_gloo
 
 WORLD = 2
 STEPS = 4
@@ -60,9 +60,7 @@ def train(rank, net, ddp, opt, usage, start, steps):
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         results = {}
         for form, (usage, options, give_model) in FORMS.items():

@@ -28,7 +28,7 @@ from sgdph_tools import SGDPH, sgdph_param_groups
 from sgdph_tools.curvature.gauss_newton import SubBatchGNB, bartlett_curvature
 from sgdph_tools.surgery.rewrite import convert
 from sgdph_tools.train.sharding import shard_model
-from tests.conftest import conv_bn_net, ln_mlp, unused_port
+from tests.conftest import conv_bn_net, join_gloo, ln_mlp, unused_port
 from tests.curvature.test_gauss_newton import brute_force_ggn
 
 WORLD = 2
@@ -111,9 +111,7 @@ def full(t):
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         results = {}
         # 1. Finite-difference row sums, both usages: the whole run on the rank's rows of the batch.
