@@ -59,9 +59,14 @@ class Mode:
     full_forward: bool = False
     rule: str | None = None  # None: SGDPH's default rule; block_newton: its block estimate
     cg_iters: int | None = None  # block_hf: CG products per block and step, at most
+    compiled: str | None = None  # torch.compile's mode for the model and the update (None: eager)
 
     @property
     def label(self) -> str:
+        return self._eager_label + (f", compiled ({self.compiled})" if self.compiled else "")
+
+    @property
+    def _eager_label(self) -> str:
         if self.optimizer == "block_hf":
             curvature = f", curvature batch x {self.gnb_fraction:g}" if self.gnb_fraction else ""
             return f"block_hf, cg {self.cg_iters}{curvature}"
@@ -84,6 +89,22 @@ def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
     # the block-diagonal Hessian-free baseline: its own cost, #layers x cg_iters GGN products a step
     modes += [Mode("block_hf", gnb_fraction=0.25, cg_iters=10)]
     return modes
+
+
+def compiled_modes(modes: list[Mode], compile_mode: str) -> list[Mode]:
+    """The modes that torch.compile can run (SGDM, AdamW, SGD-PH without double backward), compiled with
+    ``compile_mode``: SGDM first, the baseline of the compiled rows."""
+    from dataclasses import replace
+
+    from .curvature.capabilities import needs
+
+    def compilable(m: Mode) -> bool:
+        if m.optimizer in ("sgdm", "adamw"):
+            return True
+        exact = m.rule == "block_newton" and m.engine == "gauss_newton"
+        return m.optimizer == "sgdph" and needs(m.estimator, m.engine or "autograd", m.gnb_fraction, exact).compilable
+
+    return [replace(m, compiled=compile_mode) for m in modes if compilable(m)]
 
 
 @dataclass
@@ -172,9 +193,16 @@ def _measure(mode: Mode, s: Settings) -> dict:
     x = torch.randn(s.batch, channels, s.img_size, s.img_size, device=device)
     y = torch.randint(0, s.num_classes, (s.batch,), device=device)
     opt = _build(mode, model)
+    net, optimizer_step = model, opt.step
+    if mode.compiled:  # as trainer.compile: the model, and SGD-PH's update or torch's whole step
+        net = torch.compile(model, mode=mode.compiled)
+        if isinstance(opt, SGDPH):
+            opt.compile_update(mode.compiled)
+        else:
+            optimizer_step = torch.compile(opt.step, mode=mode.compiled)
 
     def loss_and_logits():
-        logits = model(x)
+        logits = net(x)
         return F.cross_entropy(logits, y), logits
 
     def closure():
@@ -190,7 +218,7 @@ def _measure(mode: Mode, s: Settings) -> dict:
             opt.step(closure)  # it calls the closure again at the new parameters
         else:
             closure()
-            opt.step()
+            optimizer_step()
 
     cuda = device.type == "cuda"
     if cuda:
@@ -200,9 +228,10 @@ def _measure(mode: Mode, s: Settings) -> dict:
     else:
         before = _rss_mb()
     k = mode.hessian_every or 1
-    # Warm-up: whole refresh cycles; on a GPU at least 10 steps (lazy CUDA init, cuDNN's algorithm
-    # search and the caching allocator's first growth would otherwise land in the timed steps).
-    for _ in range(max(1, math.ceil((10 if cuda else 1) / k)) * k):
+    # Warm-up: whole refresh cycles; on a GPU or compiled at least 10 steps (lazy CUDA init, cuDNN's
+    # algorithm search, the caching allocator's first growth, compilation and CUDA-graph recording would
+    # otherwise land in the timed steps).
+    for _ in range(max(1, math.ceil((10 if cuda or mode.compiled else 1) / k)) * k):
         step()
     per_step = []
     for w in range(s.windows):  # run() checked that a window holds whole refresh cycles
@@ -239,10 +268,14 @@ def start_round_robin(opt: SGDPH, window: int, windows: int) -> None:
 def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list[dict]:
     """Measure every mode (each in a fresh child process), ``rounds`` times with the modes interleaved,
     so a burst of load on a shared machine hits one round of every mode rather than all of one mode.
-    Each round's ratios are to that round's SGDM; a record holds the medians over rounds. The first
-    mode must be SGDM, the baseline."""
+    Each round's ratios are to that round's SGDM run the same way (eager or compiled in the same mode);
+    a record holds the medians over rounds. The first mode of each kind must be SGDM, the baseline."""
     if not modes or modes[0].optimizer != "sgdm":
         raise ValueError("the first mode must be SGDM: the ratios are to it")
+    for m in modes:  # compiled rows are compared with compiled SGDM, eager with eager
+        first = next(x for x in modes if x.compiled == m.compiled)
+        if first.optimizer != "sgdm":
+            raise ValueError(f"the first mode compiled as {m.compiled!r} must be SGDM: its rows' ratios are to it")
     if s.window % _refresh_cycle(modes):
         raise ValueError(f"window={s.window} is not a multiple of every mode's hessian_every: use timing_window()")
     ctx = mp.get_context("forkserver")
@@ -250,10 +283,10 @@ def run(modes: list[Mode], s: Settings, rounds: int = 1, on_result=None) -> list
     per_round: list[list[dict]] = [[] for _ in modes]
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         for _ in range(rounds):
-            base = None
+            bases: dict[str | None, dict] = {}
             for i, mode in enumerate(modes):
                 measured = pool.apply(_measure, (mode, s))
-                base = base or measured
+                base = bases.setdefault(mode.compiled, measured)
                 per_round[i].append(
                     {
                         **measured,
@@ -301,10 +334,11 @@ def _tiny_param_groups(model_name: str) -> list[dict]:
     return groups
 
 
-def host_overhead(model_name: str, steps: int = 300) -> list[dict]:
+def host_overhead(model_name: str, steps: int = 300, compile_mode: str | None = None) -> list[dict]:
     """Median host time of ``optimizer.step()`` alone, on one thread, for SGD(foreach) -- the
     baseline --, AdamW(foreach), and SGD-PH (defaults; and per tensor, ``foreach=False``) on a step
-    that refreshes nothing, every tensor with curvature (the steady state between refreshes)."""
+    that refreshes nothing, every tensor with curvature (the steady state between refreshes). With
+    ``compile_mode``, also SGD's step through ``torch.compile`` and SGD-PH's ``compile_update``."""
     from .optim import SGDPH
 
     threads = torch.get_num_threads()
@@ -329,10 +363,23 @@ def host_overhead(model_name: str, steps: int = 300) -> list[dict]:
             "sgdph, between refreshes": lambda: steady_sgdph(),
             "sgdph, between refreshes, per tensor": lambda: steady_sgdph(foreach=False),
         }
+        if compile_mode:
+            sgd, named = contenders["sgd (foreach)"], f"compiled ({compile_mode})"
+            contenders[f"sgd (foreach), {named}"] = lambda: compiled_step(sgd())
+            contenders[f"sgdph, between refreshes, {named}"] = lambda: compiled_update(steady_sgdph())
+
+        def compiled_step(opt):
+            opt.step = torch.compile(opt.step, mode=compile_mode)
+            return opt
+
+        def compiled_update(opt):
+            opt.compile_update(compile_mode)
+            return opt
+
         records = []
         for label, build in contenders.items():
             opt = build()
-            for _ in range(20):
+            for _ in range(20):  # compiled: the compilation happens here
                 opt.step()
             times = []
             for _ in range(steps):

@@ -54,13 +54,29 @@ def unused_port() -> int:
         return s.getsockname()[1]
 
 
+def distinct_ports(n: int) -> list[int]:
+    """``n`` different TCP ports nothing listens on now (held open together while chosen)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def join_gloo(rank: int, port: int, world: int) -> None:
-    """In a spawned test worker: one CPU thread, and the gloo process group on localhost:port."""
+    """In a spawned test worker: one CPU thread, and the gloo process group on localhost:port. A
+    collective that waits past 5 minutes raises (gloo's default is 30): a stuck peer fails the test
+    instead of holding the suite."""
+    import datetime
+
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sgdph_tools.bench import Mode, Settings, all_modes, run, timing_window
+from sgdph_tools.bench import Mode, Settings, all_modes, compiled_modes, run, timing_window
 
 
 def test_the_window_holds_whole_refresh_cycles_of_every_mode():
@@ -43,3 +43,14 @@ def test_each_window_starts_the_rowsum_round_robin_elsewhere_in_the_cycle():
         starts.append(next(i for i, p in enumerate(cycle) if p is chosen))
     assert starts == [w * len(cycle) // 4 for w in range(4)]
     assert len(set(starts)) == 4
+
+
+def test_compiled_rows_are_the_modes_without_double_backward_after_their_own_sgdm():
+    compiled = compiled_modes(all_modes((1,)), "reduce-overhead")
+    assert compiled[0] == Mode("sgdm", compiled="reduce-overhead")
+    assert {m.optimizer for m in compiled} == {"sgdm", "adamw", "sgdph"}
+    assert all(m.engine not in ("autograd", "gauss_newton") for m in compiled)
+    assert any(m.estimator == "gnb" for m in compiled) and any(m.engine == "finite_difference" for m in compiled)
+    assert compiled[0].label == "sgdm, compiled (reduce-overhead)"
+    with pytest.raises(ValueError, match="must be SGDM"):
+        run([Mode("sgdm"), Mode("adamw", compiled="default")], Settings(model="small_cnn"))

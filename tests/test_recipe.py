@@ -51,6 +51,8 @@ def test_defaults_and_overrides():
         ({}, ["trainer.epochs=0"], "'trainer.epochs' must be at least 1"),
         ({}, ["data.name=cifar10"], "needs data.root"),
         ({}, ["optimizer.estimator=rowsum", "trainer.compile=true"], "engine=finite_difference"),
+        ({}, ["trainer.compile_mode=reduce-overhead"], "set trainer.compile=true"),
+        ({}, ["trainer.compile_mode=fast"], "must be one of 'default', 'reduce-overhead'"),
         ({}, ["optimizer.estimator=rowsum", "optimizer.gnb_fraction=0.5"], "applies to optimizer.estimator=gnb only"),
         ({}, ["optimizer.gnb_fraction=0"], r"'optimizer.gnb_fraction' must be in \(0, 1\] or null"),
         # ranges: what training would reject, or would run with a meaningless value

@@ -10,8 +10,9 @@ import torch
 import typer
 from rich.table import Table
 
-from ..bench import Mode, Settings, all_modes, host_overhead, run, timing_window
+from ..bench import Mode, Settings, all_modes, compiled_modes, host_overhead, run, timing_window
 from ..errors import UserError
+from ..optim.compiled import COMPILE_MODES
 from ..records import write_json
 from ._output import console
 from .app import app
@@ -50,6 +51,12 @@ def bench_command(
         help="Instead: the host time of optimizer.step() alone (tiny tensors in place of the model's "
         "parameters, one thread) for SGD-PH between refreshes, against SGD and AdamW with foreach.",
     ),
+    compile_mode: str | None = typer.Option(
+        None,
+        "--compile",
+        help="Also measure every mode torch.compile can run, compiled in this mode (default, reduce-overhead, "
+        "...), beside the eager ones; compiled rows are ratios to compiled SGDM.",
+    ),
 ) -> None:
     """SGDM, AdamW, timm's Adahessian and SGD-PH in every mode (estimator × engine × hessian_every 1, 10)."""
     import timm
@@ -72,8 +79,12 @@ def bench_command(
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise UserError(
+            f"--compile {compile_mode!r} is not a torch.compile mode: use one of {', '.join(COMPILE_MODES)}"
+        )
     if host:
-        _host_overhead(model, json_out)
+        _host_overhead(model, json_out, compile_mode)
         return
     try:
         intervals = tuple(int(k) for k in every.split(","))
@@ -87,6 +98,8 @@ def bench_command(
         if len(modes) == 1:
             labels = ", ".join(m.label for m in all_modes(intervals))
             raise UserError(f"--only {' '.join(only)!r} matches no mode; the modes are: {labels}")
+    if compile_mode is not None:
+        modes += compiled_modes(modes, compile_mode)
     settings = Settings(
         model=model,
         batch=batch,
@@ -127,9 +140,9 @@ def bench_command(
         console.print(f"wrote {json_out}")
 
 
-def _host_overhead(model: str, json_out: Path | None) -> None:
+def _host_overhead(model: str, json_out: Path | None, compile_mode: str | None) -> None:
     console.print(f"{model}: host time of optimizer.step() alone, one thread, torch {torch.__version__}")
-    records = host_overhead(model)
+    records = host_overhead(model, compile_mode=compile_mode)
     table = Table(title="median of 300 steps, ratio to SGD (foreach) in this run", title_justify="left")
     for column in ("optimizer", "step µs", "time / SGD"):
         table.add_column(column)

@@ -25,12 +25,20 @@ from .. import checks
 from .capabilities import HESSIAN_ENGINES, PRODUCT_ESTIMATORS, check_choice
 from .products import AutogradHVP, FiniteDifferenceHVP, Product, math_attention
 from .replay import ForwardReplay, LossFn
+from .sharded import DTensor
 
 
 def rademacher_like(t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A ±1 tensor shaped like ``t``, drawn on the generator's device and moved to ``t``'s."""
+    """A ±1 tensor shaped like ``t``, drawn on the generator's device and moved to ``t``'s. For an
+    FSDP2 shard (a DTensor) the whole tensor's probe is drawn and this process keeps its shard of it
+    (no communication): with the generator seeded alike on every rank, the shards form one probe."""
     device = generator.device if generator is not None else t.device
     z = torch.randint(0, 2, t.shape, generator=generator, device=device, dtype=torch.int8)
+    if isinstance(t, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        z = z.to(device=t.to_local().device, dtype=t.dtype).mul_(2).sub_(1)
+        return distribute_tensor(z, t.device_mesh, t.placements, src_data_rank=None)
     return z.to(device=t.device, dtype=t.dtype).mul_(2).sub_(1)
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import checks, distributed
 from .recorded import RecordedForward
-from .sharded import gradients_by_backward, is_sharded
+from .sharded import gradients_by_backward, is_sharded, sharded_rows
 
 __all__ = [
     "gauss_newton_bartlett",
@@ -119,14 +119,10 @@ def bartlett_rows(
     params = _check_params(params)
     checks.generator("generator", generator)
     batch, classes = logits.shape
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    c = batch if chunks is None else max(1, min(chunks, batch))
-    if not bool(torch.isfinite(probs).all()):
+    c = chunk_count(batch, chunks)
+    residual = sampled_residual(logits, generator)
+    if residual is None:
         return [torch.full((c, *p.shape), float("nan"), dtype=p.dtype, device=p.device) for p in params], batch
-    device = generator.device if generator is not None else probs.device
-    labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
-    # in the logits' dtype, as the cross-entropy's own gradient (the float32 probs only sample)
-    residual = torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, classes).to(logits.dtype)
     rows = torch.arange(batch, device=logits.device)
     outputs = torch.zeros(c, batch, classes, dtype=logits.dtype, device=logits.device)
     outputs[rows * c // batch, rows] = residual
@@ -140,6 +136,23 @@ def bartlett_rows(
     ]
     grads = pieces[0] if len(pieces) == 1 else [torch.cat(per_param) for per_param in zip(*pieces)]
     return list(grads), batch
+
+
+def chunk_count(batch: int, chunks: int | None) -> int:
+    """The number of chunks :func:`bartlett_rows` cuts ``batch`` rows into (None: one per row)."""
+    return batch if chunks is None else max(1, min(chunks, batch))
+
+
+def sampled_residual(logits: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+    """``pᵢ − e_ŷᵢ`` per row, labels ŷ sampled from the softmax: the gradient of the cross-entropy
+    against ŷ with respect to each row's logits (None where the logits are not finite)."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    if not bool(torch.isfinite(probs).all()):
+        return None
+    device = generator.device if generator is not None else probs.device
+    labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
+    # in the logits' dtype, as the cross-entropy's own gradient (the float32 probs only sample)
+    return torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
 
 
 def bartlett_row_curvature(rows: Sequence[Tensor], batch: int, blocks: Sequence[bool]) -> list[Tensor]:
@@ -241,9 +254,16 @@ class SubBatchGNB(RecordedForward):
         with ``chunks`` (an int, or None: one per row), per-chunk gradients instead (:func:`bartlett_rows`)."""
         params = _check_params(params)
         sharded = is_sharded(params)
-        if sharded and chunks is not False:
-            raise ValueError("block estimates of FSDP2-sharded parameters are not supported")
         with self.rerun(params, fraction) as (logits, rows):
+            if chunks is not False and sharded:
+                # FSDP2: a backward per chunk, whole rows gathered (curvature/sharded.py); every process
+                # runs them, NaN rows where its logits are not finite
+                residual = sampled_residual(logits, generator)
+                if residual is None:
+                    residual = torch.full_like(logits.detach(), float("nan"))
+                every = self.module.parameters()
+                u = sharded_rows(logits, residual, chunk_count(rows, chunks), params, every)
+                return u, rows * distributed.world_size()
             if chunks is not False:
                 return bartlett_rows(logits, params, chunks, generator)
             if not sharded:

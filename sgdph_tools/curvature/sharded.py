@@ -13,16 +13,19 @@ back into the shards' ``.grad`` -- averaged over processes. Two consequences for
   scaled by the global sub-batch ``B`` -- with a process's own rows it would shrink by the number of
   processes.
 
-What works: Gauss-Newton-Bartlett from the optimizer's own forward on a sub-batch (``gnb_fraction``)
-and the paper's row sums by finite differences (``rowsum``, ``engine="finite_difference"``: the
-closure or loss function evaluated again at a perturbed point, FSDP averaging both gradients), with
-the elementwise rules and ``normalized`` (its per-tensor mean is a DTensor reduction: one all-reduce
-per tensor, on refreshing steps only). What cannot: a double backward (FSDP leaves no graph on the
-sharded gradients: the autograd engine, GGN products), estimates that run a second backward through
+What works: Gauss-Newton-Bartlett from the optimizer's own forward on a sub-batch (``gnb_fraction``),
+the paper's row sums and Hutchinson's ``z ⊙ Hz`` by finite differences (``engine="finite_difference"``:
+the closure or loss function evaluated again at a perturbed point, FSDP averaging both gradients;
+Hutchinson's probe is one vector of the global tensor, drawn alike on every rank, each keeping its
+shard), the elementwise rules and ``normalized`` (its per-tensor mean is a DTensor reduction: one
+all-reduce per tensor, on refreshing steps only), and the block rules' cheap mode (each chunk's
+sampled-label gradient by one backward through FSDP, :func:`sharded_rows`; the small 1-D tensors'
+rows and momentum gathered whole, each block solved alike on every rank, which keeps its shard of the
+direction). What cannot: a double backward (FSDP leaves no graph on the sharded gradients: the
+autograd engine, GGN products, block_newton's exact CG), estimates that run a second backward through
 the step's own graph (GNB from the step's logits; FSDP has freed the gathered parameters after that
-backward), Hutchinson's probes (drawn per process; they would have to agree across shards) and the
-block rules (each 1-D tensor solved whole, not supported yet). :func:`unsupported` names the mode that
-works instead, so the optimizer refuses before its first step.
+backward) and the exact diagonal (one product per entry, a diagnostic). :func:`unsupported` names the
+mode that works instead, so the optimizer refuses before its first step.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from ..distributed import DTensor
 
 #: what to use under FSDP2 instead of a mode that cannot work there
 SHARDED_MODES = (
-    "estimator='gnb' with gnb_fraction (the recipes' default mode), or estimator='rowsum' with "
-    "engine='finite_difference'"
+    "estimator='gnb' with gnb_fraction (the recipes' default mode), or estimator='rowsum' or 'hutchinson' "
+    "with engine='finite_difference'"
 )
 
 
@@ -49,10 +52,11 @@ def is_sharded(tensors: Iterable[Tensor]) -> bool:
 def unsupported(estimator: str, engine: str, gnb_fraction: float | None, rules: Sequence[str]) -> str | None:
     """The one-line reason a mode cannot run on FSDP2-sharded parameters, or None when it can."""
     block = sorted({r for r in rules if r.startswith("block")})
-    if block:
+    if block and engine == "gauss_newton":
         return (
-            f"rule {block[0]!r} solves each 1-D tensor's block whole, which FSDP2 shards across processes "
-            f"(not supported yet): under FSDP2 use rule='normalized', 'damped' or 'paper'"
+            f"rule {block[0]!r} with engine='gauss_newton' solves by CG on GGN-vector products, which need a "
+            "double backward that FSDP2's sharded gradients do not have: under FSDP2 use its cheap mode, "
+            "estimator='gnb' with gnb_fraction"
         )
     if estimator == "gnb" and gnb_fraction is None:
         return (
@@ -60,16 +64,14 @@ def unsupported(estimator: str, engine: str, gnb_fraction: float | None, rules: 
             "gathered parameters FSDP2 frees after the first: under FSDP2 set gnb_fraction (e.g. 0.25), "
             "which runs its own forward"
         )
-    if estimator == "rowsum" and engine == "finite_difference":
-        return None  # a forward difference of FSDP's averaged gradients: the global batch's H·1
+    if estimator in ("rowsum", "hutchinson") and engine == "finite_difference":
+        return None  # a forward difference of FSDP's averaged gradients: the global batch's H·v
     if estimator != "gnb":
         if engine == "finite_difference":
-            why = (
-                "its probes would have to be drawn alike on every process"
-                if estimator == "hutchinson"
-                else ("one product per entry (a diagnostic)")
+            return (
+                f"estimator={estimator!r} is not supported under FSDP2 (one product per entry: a diagnostic): "
+                f"use {SHARDED_MODES}"
             )
-            return f"estimator={estimator!r} is not supported under FSDP2 ({why}): use {SHARDED_MODES}"
         what = "GGN-vector products" if engine == "gauss_newton" else f"engine={engine!r}"
         return (
             f"estimator={estimator!r} with {what} needs a double backward, which FSDP2's sharded gradients do "
@@ -87,7 +89,9 @@ def check_sharded(param_groups: list[dict], estimator: str, engine: str, gnb_fra
             raise ValueError(reason)
 
 
-def gradients_by_backward(loss: Tensor, params: Sequence[Tensor], every_param: Iterable[Tensor]) -> list[Tensor]:
+def gradients_by_backward(
+    loss: Tensor, params: Sequence[Tensor], every_param: Iterable[Tensor], retain_graph: bool = False
+) -> list[Tensor]:
     """The gradient of ``loss`` for each of ``params`` (sharded), averaged over processes by FSDP's
     reduce-scatter, taken by ``loss.backward()``; the ``.grad`` of ``every_param`` (the model's
     parameters: FSDP writes them all) is what it was before. Every process must call it (collectives)."""
@@ -96,7 +100,7 @@ def gradients_by_backward(loss: Tensor, params: Sequence[Tensor], every_param: I
     for p in every_param:
         p.grad = None
     try:
-        loss.backward()
+        loss.backward(retain_graph=retain_graph)
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     finally:
         for p, g in zip(every_param, saved):
@@ -106,3 +110,56 @@ def gradients_by_backward(loss: Tensor, params: Sequence[Tensor], every_param: I
 def global_value(t: Tensor) -> Tensor:
     """A reduction of a DTensor (e.g. a sum over a shard) as the plain tensor of its global value."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (the whole tensor, alike on every process) as a shard placed like ``like``: this process's
+    slice, no communication; ``full`` itself when ``like`` is not sharded."""
+    if not isinstance(like, DTensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def gathered_rows(rows: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``[c, *shape]``: the whole tensors of ``c`` shards placed like ``like``, in one all-gather (the
+    shards stacked, sharded one dimension further in)."""
+    if not isinstance(like, DTensor):
+        return torch.stack(list(rows))
+    from torch.distributed.tensor import Shard
+
+    local = torch.stack([r.to_local() for r in rows])
+    placements = [Shard(pl.dim + 1) if isinstance(pl, Shard) else pl for pl in like.placements]
+    shape = (len(rows), *like.shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, like.device_mesh, placements, shape=shape, stride=stride).full_tensor()
+
+
+def sharded_rows(
+    logits: Tensor,
+    residual: Tensor,
+    chunks: int,
+    params: Sequence[Tensor],
+    every_param: Iterable[Tensor],
+) -> list[Tensor]:
+    """Per parameter ``[c, *shape]`` (whole, alike on every process): row j the gradient
+    ``uⱼ = Σᵢ Jᵢᵀ rᵢ`` over chunk j of *every* process's rows (``residual``: ``rᵢ`` for this process's
+    rows of ``logits``), one backward through FSDP per chunk. FSDP averages each chunk's gradient over
+    processes, so it is multiplied by the number of processes: the global chunk's sum. Every process
+    runs the same number of backwards (the largest chunk count; a process with fewer runs zeros)."""
+    from .. import distributed
+
+    batch = logits.shape[0]
+    count = torch.tensor([chunks], device=logits.device)
+    if distributed.world_size() > 1:
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    total = int(count.item())  # a host read: the number of collectives must agree
+    every_param, world = list(every_param), distributed.world_size()
+    chunk_of_row = torch.arange(batch, device=logits.device) * chunks // batch
+    per_chunk: list[list[Tensor]] = []
+    for j in range(total):
+        weights = residual * (chunk_of_row == j).to(residual.dtype)[:, None]
+        loss = (logits * weights).sum()
+        per_chunk.append(gradients_by_backward(loss, params, every_param, retain_graph=j < total - 1))
+    return [gathered_rows([g[i] for g in per_chunk], p).mul_(world) for i, p in enumerate(params)]

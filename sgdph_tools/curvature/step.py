@@ -42,7 +42,7 @@ from .gauss_newton import (
 )
 from .products import AutogradHVP, FiniteDifferenceHVP, Product, math_attention, no_double_backward_error
 from .replay import ActivationCut, ClosureReplay, ForwardReplay, cuda_indices
-from .sharded import DTensor, is_sharded
+from .sharded import DTensor, is_sharded, local_like
 
 MISSING_GRAPH = (
     "SGDPH needs the gradient graph of the second-order parameters to estimate their Hessian: call "
@@ -354,6 +354,8 @@ class StepCurvature:
                     else:
                         rows = bartlett_rows(grads.logits, refresh, self.block_chunks, generator)
                     h = bartlett_row_curvature(*rows, blocks)
+                    # FSDP2: the rows came whole; the diagonals go back to shards like their parameters
+                    h = [x if block else local_like(x, p) for x, p, block in zip(h, refresh, blocks)]
                 elif self.gnb_fraction is not None:
                     h = bartlett_curvature(*self._sub_batch.sampled(refresh, self.gnb_fraction, generator))
                 elif self.estimator == "gnb":
@@ -372,7 +374,8 @@ class StepCurvature:
         scale = grads.product_scale
         if scale is not None and not (self.needs.reads_logits or self.estimator == "gnb"):
             torch._foreach_div_(h, scale() if callable(scale) else scale)
-        distributed.all_reduce_mean_(h)  # every replica gets the same estimate
+        if not is_sharded(refresh):  # under FSDP2 the estimates are of the global batch already
+            distributed.all_reduce_mean_(h)  # every replica gets the same estimate
         if not all_finite(h):
             return {}
         return dict(zip(refresh, h))

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.cg import conjugate_gradient
+from ..curvature.sharded import global_value, local_like
 
 BLOCK_RULE = "block_newton"
 #: The same blocks, scale-free (as ``normalized`` is for the diagonal): the damped block solve with ε
@@ -239,8 +240,9 @@ def _apply_inverses(inverses: BlockInverses, bufs: dict[Tensor, Tensor]) -> dict
         rows = [i for i, p in enumerate(members) if p in bufs]
         if not rows:
             continue
-        stacked = torch.stack([bufs[members[i]].reshape(-1) for i in rows]).unsqueeze(-1)
+        # FSDP2 shards: each buffer gathered whole, solved alike on every process, its shard kept
+        stacked = torch.stack([global_value(bufs[members[i]]).reshape(-1) for i in rows]).unsqueeze(-1)
         chosen = inverse if len(rows) == len(members) else inverse[rows]
         for i, d in zip(rows, torch.bmm(chosen, stacked).squeeze(-1).unbind(0)):
-            out[members[i]] = d.view_as(members[i])
+            out[members[i]] = local_like(d.view(members[i].shape), members[i])
     return out

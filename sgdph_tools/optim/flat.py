@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .compiled import CompiledUpdate
 from .functional import step_denominators
 
 
@@ -83,10 +84,12 @@ class FlatSecondOrder:
         state: Mapping[Tensor, dict[str, Any]],
         corrections: Callable[[], list[float | None]],
         correction_key: Any,
+        compiled: CompiledUpdate | None = None,
     ) -> bool:
         """Update every tensor; False (nothing done) where the general path must run instead.
         ``corrections()`` gives the bias corrections (None: no curvature yet) when the cached divisor
-        is rebuilt; ``correction_key`` changes whenever they may have changed without a refresh."""
+        is rebuilt; ``correction_key`` changes whenever they may have changed without a refresh.
+        ``compiled``: the same arithmetic through torch.compile (:mod:`.compiled`)."""
         params = self.params
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
@@ -109,8 +112,12 @@ class FlatSecondOrder:
             self.denominator = torch.cat(denominators)
             self.cached_key = key
         momentum, weight_decay = group["momentum"], group["weight_decay"]
-        torch.cat(grads, out=self.grad)
         self.steps.add_(1.0)
+        if compiled is not None:
+            lr = compiled.lr(group, self.ema.device)
+            compiled.flat_update(params, grads, self.buf, self.denominator, self.numerator, lr, momentum, weight_decay)
+            return True
+        torch.cat(grads, out=self.grad)
         if momentum != 0:
             self.buf.mul_(momentum).add_(self.grad)
             source = self.buf

@@ -55,12 +55,15 @@ class RefreshSchedule:
         counts = [state[p].get("hessian_refreshes", 0) if p in state else 0 for p in candidates]
         return [candidates[counts.index(min(counts))]]
 
-    def generator(self, step: int) -> torch.Generator:
+    def generator(self, step: int, same_on_every_rank: bool = False) -> torch.Generator:
         """The random draws of step t on rank r come from a generator seeded with (seed, r, t):
         replicas draw independently (the all-reduce averages them), a resumed run draws the same ones,
         and no per-rank generator state has to survive a checkpoint (torch's distributed checkpoint
-        keeps one copy of tensors that are not sharded)."""
-        mixed = (self.seed * 1_000_003 + distributed.rank()) * 1_000_000_007 + step
+        keeps one copy of tensors that are not sharded). ``same_on_every_rank``: rank 0's draws on
+        every rank -- one probe for a product of the global batch, each rank keeping its shard of it
+        (Hutchinson under FSDP2), the same probe as a one-process run."""
+        rank = 0 if same_on_every_rank else distributed.rank()
+        mixed = (self.seed * 1_000_003 + rank) * 1_000_000_007 + step
         return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 

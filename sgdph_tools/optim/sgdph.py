@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from ..curvature import ENGINES, ESTIMATORS, AmpScale, Needs, StepCurvature, check_choice
 from ..curvature.capabilities import DEFAULT_GNB_FRACTION, STOCHASTIC
-from ..curvature.sharded import check_sharded
+from ..curvature.sharded import check_sharded, is_sharded
 from .block import (
     BLOCK_RULES,
     DEFAULT_BLOCK_CHUNKS,
@@ -28,6 +28,7 @@ from .block import (
     exactly_solved,
     keeps_block,
 )
+from .compiled import CompiledUpdate
 from .flat import FlatSecondOrder
 from .functional import DEFAULT_EPS, DEFAULT_RULE, DEFAULT_SO_LR, RULES, sgdph  # noqa: F401  (sgdph: old path)
 from .param_groups import second_order_groups
@@ -237,6 +238,7 @@ class SGDPH(Optimizer):
                 raise ValueError(f"gnb_fraction applies to estimator='gnb' only (got estimator={estimator!r})")
         self.model = model
         self._flat: dict[int, FlatSecondOrder | None] = {}  # per second-order group, built on use (flat.py)
+        self._compiled: CompiledUpdate | None = None  # compile_update()
         self._step_count: int | None = None  # mirror of the largest per-parameter "step" (host time)
         #: gradients and estimates (sgdph_tools.curvature); holds the model's hook, not the optimizer
         self.curvature = StepCurvature(model)
@@ -277,6 +279,12 @@ class SGDPH(Optimizer):
     @property
     def gnb_fraction(self) -> float | None:
         return self.param_groups[0]["gnb_fraction"]
+
+    def compile_update(self, mode: str = "default") -> None:
+        """The repeating steps' arithmetic through ``torch.compile`` (:mod:`.compiled`: what, why, modes)."""
+        if is_sharded(p for g in self.param_groups for p in g["params"]):
+            raise ValueError("compile_update does not support FSDP2-sharded parameters: leave it off under FSDP2")
+        self._compiled = CompiledUpdate(mode)
 
     def close(self) -> None:
         """Remove the forward hook the optimizer put on ``model`` (also done when it is collected)."""
@@ -462,12 +470,15 @@ class SGDPH(Optimizer):
             with_grad = [p for p in second_order if p.grad is not None and p not in exempt]
             refresh = schedule.choose(step, with_grad, self.state, self._one_d_params())
             if refresh:
-                generator = schedule.generator(step) if self.estimator in STOCHASTIC else None
+                # a probe of FSDP's global product is one vector, drawn alike on every rank and sliced
+                shared = self.estimator == "hutchinson" and is_sharded(refresh)
+                generator = schedule.generator(step, shared) if self.estimator in STOCHASTIC else None
                 blocks = block_estimates(self.param_groups, refresh, self._exact_blocks)
                 hessians = self.curvature.estimate(grads, refresh, generator, blocks)
-        with torch.no_grad():
-            index = {p: k for k, p in enumerate(solved)}
-            updated = [self._update_group(group, hessians, step, product, index) for group in self.param_groups]
+        with torch.no_grad():  # each group by update.py; one_d: the authors' round-robin period
+            index, one_d = {p: k for k, p in enumerate(solved)}, len(self._one_d_params())
+            context = (self._flat, self._inverses, product, index, self._exact_blocks, self._compiled)
+            updated = [update_group(self.state, g, hessians, step, one_d, *context) for g in self.param_groups]
         if any(updated):
             self._step_count = step
         if loss_fn is None and self.needs.keeps_graph:  # a caller's backward may hold a graph in .grad
@@ -487,12 +498,3 @@ class SGDPH(Optimizer):
         if not self.authors_code:
             return []
         return [p for g in self.param_groups for p in g["params"] if p.ndim == 1]
-
-    # ------------------------------------------------------------------------- updates
-
-    def _update_group(self, group: dict[str, Any], hessians: dict[Tensor, Tensor], step: int, product, index) -> bool:
-        """Update one group (:mod:`.update`); True when it has second-order tensors that were updated."""
-        one_d = len(self._one_d_params()) if group["authors_code"] else 0
-        return update_group(
-            self.state, group, hessians, step, one_d, self._flat, self._inverses, product, index, self._exact_blocks
-        )

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd as sgd_functional
 
 from .block import BlockInverses, BlockProduct, block_newton_group, is_block_group, keeps_block
+from .compiled import CompiledUpdate
 from .flat import FlatSecondOrder
 from .functional import sgdph
 
@@ -25,6 +26,7 @@ def update_group(
     product: BlockProduct | None = None,
     exact_index: dict[Tensor, int] | None = None,
     exact: bool = False,
+    compiled: CompiledUpdate | None = None,
 ) -> bool:
     """Update one param group in place; True when it has second-order tensors that were updated.
     ``one_d``: the number of 1-D parameters (the authors' round-robin period); ``flats``: the
@@ -44,8 +46,11 @@ def update_group(
             state,
             lambda: corrections(state, group, flat.params, step, one_d),
             correction_key(group, step, one_d),
+            compiled,
         ):
             return True
+    if compiled is not None and not group["second_order"] and compiled.sgd_group(state, group):
+        return False
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return False

@@ -154,7 +154,9 @@ class TrainerCfg:
     output_dir: str = "runs"
     name: str | None = None  # run folder name; default: the recipe's file name and the seed
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model (not with double backward)
+    compile: bool = False  # torch.compile the model, and sgdph's update (not with double backward)
+    # torch.compile's mode: reduce-overhead replays the compiled graphs as CUDA graphs (GPU launch overhead)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     # processes (--nproc, torchrun): ddp replicates the model in each; fsdp shards parameters, gradients and
     # optimizer state across them (FSDP2, fully_shard per block and the root; docs/training.md)
     strategy: Literal["ddp", "fsdp"] = "ddp"

@@ -251,6 +251,8 @@ def check_semantics(recipe: Recipe) -> None:
                 "optimizer.name=block_hf cannot run with trainer.precision=fp16 (its closure is evaluated again "
                 "without a GradScaler): use trainer.precision=bf16 or fp32"
             )
+    if t.compile_mode != "default" and not t.compile:
+        raise UserError(f"trainer.compile_mode={t.compile_mode} applies to a compiled run: set trainer.compile=true")
     if t.strategy == "fsdp":
         check_fsdp(o, t)
     exact_blocks = o.name == "sgdph" and o.rule == "block_newton" and o.engine == "gauss_newton"

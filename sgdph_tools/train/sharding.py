@@ -77,6 +77,25 @@ def shard_model(model: nn.Module, precision: str, device: torch.device | None = 
     return model
 
 
+def agree_on_buffers(model: nn.Module) -> None:
+    """Make the buffers FSDP leaves replicated the same on every process: BatchNorm's running
+    statistics (each process updates them from its own rows) averaged, any other buffer rank 0's.
+    Before an evaluation and a checkpoint: DCP saves one copy of an unsharded tensor, so a resumed run
+    must find on every process what the uninterrupted one had (DDP gets there by broadcasting rank 0's
+    at every training forward)."""
+    averaged = set()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for stat in (module.running_mean, module.running_var):
+                if stat is not None:
+                    dist.all_reduce(stat)
+                    stat.div_(dist.get_world_size())
+                    averaged.add(id(stat))
+    for buffer in model.buffers():
+        if id(buffer) not in averaged:
+            dist.broadcast(buffer, src=0)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -32,7 +32,7 @@ from .metrics import DIVERGED, append_metrics, plot_curves, read_metrics, valida
 from .optimizers import build_optimizer, build_scheduler
 from .progress import Progress, log
 from .resume import RESUME_ADJUSTABLE, restore_run, set_aside_earlier_files
-from .sharding import remove_unreferenced, save_sharded, shard_model, sharded_folder
+from .sharding import agree_on_buffers, remove_unreferenced, save_sharded, shard_model, sharded_folder
 from .state import save_training_state
 
 __all__ = ["RESUME_ADJUSTABLE", "Trainer", "check_buildable", "model_fingerprint"]
@@ -140,8 +140,10 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if use_cuda else None
             )
-        if t.compile:
-            self.net = torch.compile(self.net)
+        if t.compile:  # forward and backward (AOTAutograd); SGD-PH's repeating update too (optim/compiled.py)
+            self.net = torch.compile(self.net, mode=t.compile_mode)
+            if isinstance(self.optimizer, SGDPH):
+                self.optimizer.compile_update(t.compile_mode)
         self.on_epoch_end: list[Callable[[int, dict], None]] = []  # hooks (tests use them to interrupt)
 
     # ------------------------------------------------------------------------- resume
@@ -206,6 +208,8 @@ class Trainer:
                     atomic_write_text(message + "\n", self.run_dir / DIVERGED)
                 raise type(exc)(message) from None
             progress.stop()
+            if self.sharded:  # one set of BatchNorm statistics to evaluate and save (sharding.py)
+                agree_on_buffers(self.model)
             val = evaluate(self.net, self.loaders.val, self.settings, "val") if self.loaders.val is not None else {}
             test = evaluate(self.net, self.loaders.test, self.settings, "test")
             row = {

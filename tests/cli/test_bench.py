@@ -14,6 +14,7 @@ FIELDS = {
     "full_forward",
     "rule",
     "cg_iters",
+    "compiled",
     "time_ratio_rounds",
     "step_ms",
     "peak_mb",
@@ -105,3 +106,20 @@ def test_bench_host_times_the_step_alone_against_sgd(tmp_path):
 def test_bench_every_takes_integer_intervals():
     assert "--every takes refresh intervals as integers" in user_error(*TINY, "--every", "1,x")
     assert "each interval must be at least 1" in user_error(*TINY, "--every", "0,10")
+
+
+def test_bench_puts_compiled_modes_beside_the_eager_ones_against_compiled_sgdm(tmp_path):
+    out = tmp_path / "compiled.json"
+    only = ("--only", "sgdph gnb, batch x 0.25, every 10")
+    result = sgdph(*TINY, *only, "--every", "10", "--steps", "10", "--compile", "default", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    records = read_json(out, "bench")["records"]
+    assert [(r["optimizer"], r["compiled"]) for r in records] == [
+        ("sgdm", None),
+        ("sgdph", None),
+        ("sgdm", "default"),
+        ("sgdph", "default"),
+    ]
+    assert records[0]["time_ratio"] == 1.0 and records[2]["time_ratio"] == 1.0  # each against its own SGDM
+    assert "compiled (default)" in result.stdout
+    assert "not a torch.compile mode" in user_error(*TINY, "--compile", "fast")

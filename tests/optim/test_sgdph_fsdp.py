@@ -1,8 +1,9 @@
 """SGD-PH on FSDP2-sharded parameters (``fully_shard``): two real processes, gloo on CPU, one launch for
 every check. Against independent truths: a single-process run of the same global batch (the
-finite-difference row sums are deterministic: equal to float64 tolerance), the exact GGN diagonal
-from Jacobians (the Gauss-Newton-Bartlett estimate is sampled: equal in distribution), and an
-uninterrupted run (a ``torch.distributed.checkpoint`` round trip: bit for bit)."""
+finite-difference row sums and Hutchinson's products along one probe are deterministic: equal to
+float64 tolerance), the exact GGN diagonal and blocks from Jacobians (the Gauss-Newton-Bartlett
+estimates are sampled: equal in distribution), and an uninterrupted run (a
+``torch.distributed.checkpoint`` round trip: bit for bit)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from sgdph_tools import SGDPH, sgdph_param_groups
-from sgdph_tools.curvature.gauss_newton import SubBatchGNB, bartlett_curvature
+from sgdph_tools.curvature.gauss_newton import SubBatchGNB, bartlett_curvature, bartlett_row_curvature
 from sgdph_tools.surgery.rewrite import convert
 from sgdph_tools.train.sharding import shard_model
 from tests.conftest import conv_bn_net, join_gloo, ln_mlp, unused_port
@@ -34,8 +35,10 @@ from tests.curvature.test_gauss_newton import brute_force_ggn
 WORLD = 2
 STEPS = 4
 FD = dict(lr=0.1, estimator="rowsum", engine="finite_difference")
-GNB = dict(lr=0.1, estimator="gnb", gnb_fraction=0.5)
+HUTCHINSON = dict(lr=0.1, estimator="hutchinson", engine="finite_difference")
 DRAWS = 600
+BLOCK_DRAWS = 300
+BLOCK_RULES = ("block_newton", "block_normalized")
 
 
 def tanh_mlp() -> torch.nn.Sequential:
@@ -122,6 +125,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             train(net, opt, x[rank::WORLD], y[rank::WORLD], usage, STEPS)
             results[f"fd-{usage}"] = [full(p).detach() for p in net.parameters()]
 
+        # 1a. Hutchinson by finite differences: one probe of the global tensors, each rank holding its shard.
+        net = sharded(tanh_mlp())
+        x, y = global_batch(net)
+        opt = SGDPH(sgdph_param_groups(net), **HUTCHINSON)
+        train(net, opt, x[rank::WORLD], y[rank::WORLD], "loss_fn", STEPS)
+        results["fd-hutchinson"] = [full(p).detach() for p in net.parameters()]
+
         # 1b. The same for a weight-normalised net (direction, gamma and bias sharded along the output
         # channels), and torch's SGD with momentum (the SGDM baseline) on the MLP.
         net = sharded(wn_net())
@@ -160,6 +170,17 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.all_reduce(exact)
         results["gnb"] = (torch.stack(draws), exact / WORLD)
 
+        # 2b. The block estimate (per-row chunks, a backward per chunk through FSDP): its mean against the
+        # exact GGN block of the first 1-D tensor (8 entries, 4 per process), over both processes' rows.
+        blocks = []
+        for k in range(BLOCK_DRAWS):
+            generator = torch.Generator().manual_seed(1000 * rank + k)
+            rows, batch = gnb.sampled(second[:1], 0.5, generator, None)
+            blocks.append(bartlett_row_curvature(rows, batch, [True])[0])
+        G, _ = brute_force_ggn(plain, x[: len(x) // 2], [plain_params[index[0]]])
+        dist.all_reduce(G)
+        results["block"] = (torch.stack(blocks), G / WORLD)
+
         # 3. The recipes' default mode (GNB on a quarter, normalized) on a conv-BN net: it learns, and the
         # state is sharded like the parameters.
         torch.manual_seed(0)
@@ -182,6 +203,23 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         )
         results["refreshed"] = sum(opt.state[p].get("hessian_refreshes", 0) > 0 for p in net.parameters())
 
+        # 3a. The block rules' cheap mode: it learns; each block (whole, not sharded) is the same on every rank.
+        for rule in BLOCK_RULES:
+            torch.manual_seed(0)
+            net = sharded(conv_bn_net())
+            opt = SGDPH(sgdph_param_groups(net), lr=0.1, rule=rule, model=net)
+            losses = []
+            for _ in range(12):
+                losses.append(
+                    opt.step(
+                        loss_fn=lambda: (F.cross_entropy(logits := net(x[rank::WORLD]), y[rank::WORLD]), logits)
+                    ).item()
+                )
+            held = [s["hessian_block"] for s in opt.state.values() if "hessian_block" in s]
+            gathered = [torch.zeros_like(torch.cat([b.reshape(-1) for b in held])) for _ in range(WORLD)]
+            dist.all_gather(gathered, torch.cat([b.reshape(-1) for b in held]))
+            results[rule] = (losses, len(held), all(torch.equal(gathered[0], g) for g in gathered))
+
         # 3b. trainer.precision=bf16's policy (train/sharding.py): what each layer computes with
         torch.manual_seed(0)
         net = shard_model(conv_bn_net(), "bf16", torch.device("cpu"))
@@ -199,51 +237,28 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
         results["bf16"] = {**seen, "running_mean": bn.running_mean.dtype}
 
-        # 4. torch.distributed.checkpoint: save after 2 steps, restore into fresh ones, continue.
-        def build():
-            torch.manual_seed(0)
-            net = sharded(conv_bn_net())
-            return net, SGDPH(sgdph_param_groups(net), lr=0.1, estimator="gnb", gnb_fraction=0.5, model=net)
-
-        def run(net, opt, start, steps):
-            for step in range(start, start + steps):
-                xs, ys = image_batch(seed=step)
-                opt.step(loss_fn=lambda: (F.cross_entropy(lg := net(xs[rank::WORLD]), ys[rank::WORLD]), lg))
-
-        net, opt = build()
-        run(net, opt, 0, 2)
-        path = os.path.join(out_dir, "dcp")
-        dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=path)
-        run(net, opt, 2, 3)
-        net2, opt2 = build()
-        run(net2, opt2, 7, 1)  # different state, to be replaced
-        template = {"model": get_model_state_dict(net2), "optim": get_optimizer_state_dict(net2, opt2)}
-        dcp.load(template, checkpoint_id=path)
-        set_model_state_dict(net2, template["model"])
-        set_optimizer_state_dict(net2, opt2, template["optim"])
-        run(net2, opt2, 2, 3)
-        results["dcp_equal"] = all(
-            torch.equal(a.to_local(), b.to_local()) for a, b in zip(net.parameters(), net2.parameters())
-        )
-        results["dcp_state_equal"] = all(
-            torch.equal(full(a), full(b))
-            for p, q in zip(net.parameters(), net2.parameters())
-            for a, b in zip(opt.state[p].values(), opt2.state[q].values())
-            if isinstance(a, torch.Tensor)
-        )
+        # 4. torch.distributed.checkpoint: save after 2 steps, restore into fresh ones, continue; the default
+        # mode (state sharded like the parameters) and block_newton (whole blocks beside the shards).
+        for mode, options in {"gnb": dict(estimator="gnb"), "block": dict(rule="block_newton")}.items():
+            results[f"dcp-{mode}"] = dcp_round_trip(rank, os.path.join(out_dir, f"dcp-{mode}"), options)
 
         # 5. Modes that cannot work under FSDP2 are refused at construction, with the fix named.
+        net = sharded(conv_bn_net())
         errors = {}
         for name, options in {
             "autograd": dict(estimator="rowsum", engine="autograd"),
             "gnb-logits": dict(estimator="gnb"),
-            "block": dict(rule="block_newton", estimator="gnb", gnb_fraction=0.5),
-            "hutchinson": dict(estimator="hutchinson", engine="finite_difference"),
+            "block-exact": dict(rule="block_newton", engine="gauss_newton"),
+            "diagonal": dict(estimator="diagonal", engine="finite_difference"),
         }.items():
             try:
-                SGDPH(sgdph_param_groups(net), model=net, **options)
+                SGDPH(sgdph_param_groups(net), **{"model": net, "gnb_fraction": None, **options})
             except ValueError as error:
                 errors[name] = str(error)
+        try:
+            SGDPH(sgdph_param_groups(net), model=net, estimator="gnb", gnb_fraction=0.25).compile_update()
+        except ValueError as error:
+            errors["compile"] = str(error)
         results["errors"] = errors
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "rank0.pt"))
@@ -251,6 +266,41 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     open(os.path.join(out_dir, f"done{rank}"), "w").close()  # every step of this process completed
+
+
+def dcp_round_trip(rank: int, path: str, options: dict) -> tuple[bool, bool]:
+    """Two steps, a DCP save, three more; fresh ones (another step taken, to be replaced) loaded and run
+    the same three: (parameters equal, optimizer state equal), bit for bit."""
+
+    def build():
+        torch.manual_seed(0)
+        net = sharded(conv_bn_net())
+        return net, SGDPH(sgdph_param_groups(net), lr=0.1, gnb_fraction=0.5, model=net, **options)
+
+    def run(net, opt, start, steps):
+        for step in range(start, start + steps):
+            xs, ys = image_batch(seed=step)
+            opt.step(loss_fn=lambda: (F.cross_entropy(lg := net(xs[rank::WORLD]), ys[rank::WORLD]), lg))
+
+    net, opt = build()
+    run(net, opt, 0, 2)
+    dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=path)
+    run(net, opt, 2, 3)
+    net2, opt2 = build()
+    run(net2, opt2, 7, 1)
+    template = {"model": get_model_state_dict(net2), "optim": get_optimizer_state_dict(net2, opt2)}
+    dcp.load(template, checkpoint_id=path)
+    set_model_state_dict(net2, template["model"])
+    set_optimizer_state_dict(net2, opt2, template["optim"])
+    run(net2, opt2, 2, 3)
+    params = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(net.parameters(), net2.parameters()))
+    state = all(
+        torch.equal(full(a), full(b))
+        for p, q in zip(net.parameters(), net2.parameters())
+        for a, b in zip(opt.state[p].values(), opt2.state[q].values())
+        if isinstance(a, torch.Tensor)
+    )
+    return params, state
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +333,18 @@ def test_finite_difference_rowsum_matches_one_process_on_the_global_batch(fsdp_r
         torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_finite_difference_hutchinson_matches_one_process(fsdp_results):
+    """The probe is one vector of the global tensors, drawn alike on every rank: the product along it is
+    the one-process run's (a probe per rank would not match)."""
+    net = tanh_mlp()
+    x, y = global_batch(net)
+    opt = SGDPH(sgdph_param_groups(net), **HUTCHINSON)
+    train(net, opt, x, y, "loss_fn", STEPS)
+    assert sum(bool(s.get("hessian_refreshes")) for s in opt.state.values()) >= 2
+    for got, want in zip(fsdp_results["fd-hutchinson"], net.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_a_weight_normalised_net_and_torch_sgd_match_one_process(fsdp_results):
     net = wn_net()
     x, y = image_batch(seed=5)
@@ -307,6 +369,23 @@ def test_gnb_is_unbiased_for_the_global_sub_batch(fsdp_results):
     assert float(mean.sum() / exact.sum()) == pytest.approx(1.0, abs=0.12)
 
 
+def test_block_estimate_is_unbiased_for_the_global_sub_batch_block(fsdp_results):
+    """Each chunk's gradient summed over processes (FSDP's average times the world), squared in outer
+    product and divided by the global rows: the exact GGN block on average, off-diagonal entries too."""
+    draws, exact = fsdp_results["block"]
+    mean, se = draws.mean(0), draws.std(0) / BLOCK_DRAWS**0.5
+    assert exact.shape == (8, 8) and (exact - torch.diag(exact.diagonal())).abs().max() > 1e-3  # not diagonal
+    assert (mean - exact).abs().le(5 * se + 1e-12).all()
+    assert float(mean.diagonal().sum() / exact.diagonal().sum()) == pytest.approx(1.0, abs=0.12)
+
+
+@pytest.mark.parametrize("rule", BLOCK_RULES)
+def test_block_rules_learn_with_the_same_blocks_on_every_rank(fsdp_results, rule):
+    losses, blocks, same = fsdp_results[rule]
+    assert losses[-1] < 0.9 * losses[0]
+    assert blocks == 4 and same  # the BN weights and biases (4 and 6 channels: 2 + 2 and 3 + 3 per rank)
+
+
 def test_default_mode_learns_with_sharded_state(fsdp_results):
     losses = fsdp_results["losses"]
     assert losses[-1] < 0.9 * losses[0]
@@ -321,14 +400,16 @@ def test_bf16_gathers_in_bf16_and_keeps_norm_layers_in_float32(fsdp_results):
     assert dtypes["running_mean"] == torch.float32
 
 
-def test_dcp_round_trip_continues_bit_for_bit(fsdp_results):
-    assert fsdp_results["dcp_equal"] and fsdp_results["dcp_state_equal"]
+@pytest.mark.parametrize("mode", ["gnb", "block"])
+def test_dcp_round_trip_continues_bit_for_bit(fsdp_results, mode):
+    assert fsdp_results[f"dcp-{mode}"] == (True, True)
 
 
 def test_modes_that_cannot_shard_are_refused_with_the_fix(fsdp_results):
     errors = fsdp_results["errors"]
-    assert set(errors) == {"autograd", "gnb-logits", "block", "hutchinson"}
+    assert set(errors) == {"autograd", "gnb-logits", "block-exact", "diagonal", "compile"}
     assert "double backward" in errors["autograd"] and "finite_difference" in errors["autograd"]
     assert "gnb_fraction" in errors["gnb-logits"]
-    assert "rule='normalized'" in errors["block"]
-    assert "estimator='gnb' with gnb_fraction" in errors["hutchinson"]
+    assert "double backward" in errors["block-exact"] and "cheap mode" in errors["block-exact"]
+    assert "estimator='gnb' with gnb_fraction" in errors["diagonal"]
+    assert "FSDP2" in errors["compile"] and "leave it off" in errors["compile"]

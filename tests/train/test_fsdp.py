@@ -4,16 +4,23 @@ sharded checkpoints (resumed on one process, exported), what it refuses, and whi
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.multiprocessing as mp
 
 from sgdph_tools.models.factory import ModelSpec, create_model
+from sgdph_tools.surgery.checkpoint import load_model
 from sgdph_tools.train.metrics import read_metrics
 from sgdph_tools.train.sharding import shard_units
 from sgdph_tools.train.state import load_training_state
+from sgdph_tools.train.trainer import Trainer
 from tests.cli.helpers import sgdph, user_error
+from tests.conftest import distinct_ports
+from tests.train.test_trainer import small_recipe
 
 
 @pytest.mark.slow
@@ -58,6 +65,51 @@ def test_quickstart_shards_over_two_processes_resumes_on_one_and_exports(tmp_pat
     # inspect reads the weights of a sharded best.pt (gathered from its DCP folder)
     shown = sgdph("inspect", str(run / "best.pt"))
     assert shown.returncode == 0 and "second_order" in shown.stdout, shown.stderr
+
+
+class Interrupt(Exception):
+    pass
+
+
+def resume_worker(rank: int, ports: list[int], out: str) -> None:
+    """Under torchrun's environment: two epochs straight, then one epoch interrupted and resumed. Each
+    trainer makes (and destroys) its own process group, each on its own port: a group made again on the
+    port of one just destroyed can meet the old store's keys and hang."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.update(MASTER_PORT=str(ports[0]), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    options = ["trainer.strategy=fsdp", "trainer.epochs=2"]
+    Trainer(small_recipe(Path(out), *options, name="straight")).run()
+
+    def stop_after_first_epoch(epoch, row):
+        if epoch == 0:
+            raise Interrupt
+
+    os.environ["MASTER_PORT"] = str(ports[1])
+    cut = Trainer(small_recipe(Path(out), *options, name="cut"))
+    cut.on_epoch_end.append(stop_after_first_epoch)
+    try:
+        cut.run()
+    except Interrupt:
+        pass
+    os.environ["MASTER_PORT"] = str(ports[2])
+    Trainer(small_recipe(Path(out), *options, name="cut"), resume=True).run()
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumed_on_the_same_processes_continues_bit_for_bit(tmp_path):
+    """Two epochs straight against one epoch, interrupted, then --resume for the second, on two processes
+    under FSDP (dropout on: the RNG comes back too): the same weights, read back from the DCP folders,
+    and the same metrics."""
+    mp.spawn(resume_worker, args=(distinct_ports(3), str(tmp_path)), nprocs=2, join=True)
+    weights = [load_model(str(tmp_path / name / "last.pt"))[0].state_dict() for name in ("straight", "cut")]
+    assert load_training_state(tmp_path / "cut" / "last.pt")["sharded_state"] is not None
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    rows = [read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "cut")]
+    assert [r["epoch"] for r in rows[1]] == [1, 2]
+    for key in ("train_loss", "train_acc1", "val_acc1", "test_loss", "test_acc1"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
 
 
 def test_what_fsdp_cannot_run_is_refused_with_the_fix():

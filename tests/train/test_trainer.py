@@ -235,8 +235,9 @@ def test_a_run_blown_up_from_its_first_window_is_caught_against_an_untrained_cla
         ["optimizer.name=adahessian", "optimizer.lr=0.1", "trainer.grad_clip=5.0"],
         ["optimizer.name=apollo", "optimizer.lr=0.5"],
         ["optimizer.estimator=rowsum", "optimizer.engine=finite_difference", "trainer.compile=true"],
+        ["trainer.compile=true"],  # the default mode (GNB on a quarter): the model and the update compiled
     ],
-    ids=["bf16", "fp16-clip", "adahessian", "apollo", "fd-compile"],
+    ids=["bf16", "fp16-clip", "adahessian", "apollo", "fd-compile", "compile"],
 )
 def test_options_run(tmp_path, options):
     rows = Trainer(small_recipe(tmp_path, "trainer.epochs=1", *options)).run()

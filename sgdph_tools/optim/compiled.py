@@ -1,0 +1,109 @@
+"""The step's arithmetic through ``torch.compile``: :meth:`SGDPH.compile_update <.sgdph.SGDPH.compile_update>`.
+
+What is compiled is the arithmetic of the steps that repeat: the flat update of the second-order
+tensors between refreshes (:mod:`.flat`: momentum, the cached divisor, weight decay, the parameters'
+add) and the first-order tensors' momentum SGD. Inductor fuses each into a few kernels whatever the
+number of tensors; under ``mode="reduce-overhead"`` each is replayed as a CUDA graph (one launch). The
+learning rate is a 0-d tensor on the parameters' device, refilled when the scheduler changes it (no
+recompilation, no host-device synchronisation; a CUDA graph reads it from the same address).
+
+What is not compiled, and why (the graph breaks, by design): the step's orchestration -- which step
+refreshes, which tensors, the refresh counts -- is host logic on Python ints (compiled, each new step
+number would be a new guard and a recompilation); the curvature estimate calls ``torch.autograd.grad``
+or ``backward`` on the optimizer's own sub-batch forward, which dynamo does not trace (it runs the
+compiled model's forward and backward graphs when the model is compiled: the trainer compiles it); the
+refreshing step's update, once per ``hessian_every`` steps, runs the eager foreach path; and the first
+step, whose momentum buffers do not exist yet. Results equal the eager path's to rounding (inductor
+may fuse a multiply-add): not bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: torch.compile's modes that suit a step: "default" (fused kernels) and "reduce-overhead" (CUDA graphs too)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def flat_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buf: Tensor | None,
+    denominator: Tensor,
+    numerator: float,
+    lr: Tensor,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """:class:`~.flat.FlatSecondOrder`'s step (``buf`` its flat momentum) as one function of tensors."""
+    grad = torch.cat(grads)
+    if momentum != 0:
+        buf.mul_(momentum).add_(grad)
+        source = buf
+    else:
+        source = grad
+    direction = source / denominator * numerator
+    if weight_decay != 0:
+        direction = direction + torch.cat(params) * weight_decay
+    torch._foreach_sub_(params, torch._foreach_mul(list(direction.split([p.numel() for p in params])), lr))
+
+
+def momentum_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    lr: Tensor,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """torch's SGD (no dampening, not Nesterov) once every momentum buffer exists."""
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        grads = bufs
+    torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+
+
+class CompiledUpdate:
+    """The compiled functions of one optimizer, and its learning rates as device tensors."""
+
+    def __init__(self, mode: str = "default"):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        self.mode = mode
+        self.flat_update = torch.compile(flat_update, mode=mode, dynamic=False)
+        self.momentum_sgd = torch.compile(momentum_sgd, mode=mode, dynamic=False)
+        self._lr: dict[tuple[int, torch.device], tuple[float, Tensor]] = {}
+
+    def lr(self, group: dict[str, Any], device: torch.device) -> Tensor:
+        """The group's learning rate as a 0-d tensor on ``device``, the same tensor every step (refilled
+        in place when it changes: a compiled graph or a CUDA graph keeps reading it)."""
+        key = (id(group), device)
+        value = float(group["lr"])
+        held = self._lr.get(key)
+        if held is None:
+            held = (value, torch.tensor(value, device=device))
+        elif held[0] != value:
+            held[1].fill_(value)
+            held = (value, held[1])
+        self._lr[key] = held
+        return held[1]
+
+    def sgd_group(self, state: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> bool:
+        """A first-order group's step; False (nothing done) where the eager path must run (a tensor
+        without its momentum buffer yet, tensors on several devices or of several dtypes)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params or len({(p.device, p.dtype) for p in params}) != 1:
+            return False
+        momentum = group["momentum"]
+        bufs = [state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        if any(b is None for b in bufs):
+            return False
+        grads = [p.grad for p in params]
+        self.momentum_sgd(params, grads, bufs, self.lr(group, params[0].device), momentum, group["weight_decay"])
+        return True

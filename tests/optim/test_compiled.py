@@ -1,0 +1,65 @@
+"""SGDPH.compile_update (optim/compiled.py) on CPU with inductor: the compiled update against the eager
+one on the same steps, and what runs compiled."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from sgdph_tools import SGDPH, sgdph_param_groups
+from tests.conftest import conv_bn_net
+
+STEPS, EVERY = 12, 3
+
+
+class Calls:
+    """Counts the calls of a compiled function, passing them on."""
+
+    def __init__(self, fn):
+        self.fn, self.count = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_the_compiled_update_follows_the_eager_one_without_recompiling_as_the_lr_changes():
+    """The recipes' default mode (GNB on a quarter, normalized), refreshing every 3 steps, weight decay,
+    the learning rate changed before every step (a scheduler): the same parameters to rounding; the flat
+    update runs compiled on each step that refreshes nothing, torch's SGD part on every step, and there
+    are two graphs in all (a learning rate is a tensor input, not a constant)."""
+    torch.manual_seed(0)
+    eager_net = conv_bn_net()
+    compiled_net = copy.deepcopy(eager_net)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 2, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    options = dict(lr=0.1, weight_decay=5e-4, estimator="gnb", gnb_fraction=0.25, hessian_every=EVERY)
+    eager = SGDPH(sgdph_param_groups(eager_net), model=eager_net, **options)
+    compiled = SGDPH(sgdph_param_groups(compiled_net), model=compiled_net, **options)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile_update()
+    flat = compiled._compiled.flat_update = Calls(compiled._compiled.flat_update)
+    sgd = compiled._compiled.momentum_sgd = Calls(compiled._compiled.momentum_sgd)
+    for step in range(STEPS):
+        for net, opt in ((eager_net, eager), (compiled_net, compiled)):
+            for group in opt.param_groups:
+                group["lr"] = 0.1 * (1 - step / STEPS)
+            opt.step(loss_fn=lambda net=net: (F.cross_entropy(logits := net(x), y), logits))
+    for a, b in zip(eager_net.parameters(), compiled_net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    refreshing = sum(1 for t in range(1, STEPS + 1) if (t - 1) % EVERY == 0)
+    assert flat.count == STEPS - refreshing and sgd.count == STEPS
+    assert counters["stats"]["unique_graphs"] == 2
+    for state_a, state_b in zip(eager.state.values(), compiled.state.values()):
+        torch.testing.assert_close(state_b["momentum_buffer"], state_a["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_compile_mode_is_refused_with_the_choices():
+    opt = SGDPH(sgdph_param_groups(conv_bn_net()))
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        opt.compile_update("fast")
