@@ -38,6 +38,7 @@ class RecordedForward:
     def __init__(self, model: torch.nn.Module, buffers: Sequence[Tensor] = (), enabled: bool = True):
         self.buffers, self.enabled = list(buffers), enabled
         self.module = unwrapped(model)
+        self.runner: torch.nn.Module = self.module  # what runs the forward: the module, or compile()'s
         self._inputs: tuple[tuple, dict, tuple[str, bool, torch.dtype] | None] | None = None
         self._running = False
         self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
@@ -48,6 +49,15 @@ class RecordedForward:
 
     def remove(self) -> None:
         self._handle.remove()
+
+    def compile(self, mode: str = "default") -> None:
+        """Run the forward (and so its backward) compiled, as a graph of its own: the module itself is
+        compiled again, statically -- its sub-batch shape and which parameters require gradients are
+        fixed -- rather than going through the training run's compiled wrapper, which would recompile
+        for them (dynamic shapes) each time it alternated. The buffers put back are then the module's own,
+        listed (a global hook to find them would make the compiled forward recompile at every rerun)."""
+        self.buffers = self.buffers or list(self.module.buffers())
+        self.runner = torch.compile(self.module, mode=mode, dynamic=False)
 
     def forget(self) -> None:
         """Drop the recorded inputs (references to a batch the caller may want freed)."""
@@ -81,11 +91,11 @@ class RecordedForward:
             with (
                 gradients_only_for(self.module.parameters(), params),
                 rng_preserved({p.device for p in params}),
-                module_buffers_restored(self.buffers),
+                module_buffers_restored(self.buffers, find_modules=self.runner is self.module),
                 torch.enable_grad(),
             ):
                 with autocast_ctx:
-                    logits = self.module(*args, **kwargs)
+                    logits = self.runner(*args, **kwargs)
                 if not isinstance(logits, Tensor) or logits.ndim != 2:
                     got = f"{type(logits).__name__}{tuple(logits.shape) if isinstance(logits, Tensor) else ''}"
                     raise ValueError(

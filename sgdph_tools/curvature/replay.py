@@ -39,7 +39,7 @@ class ActivationCut(Protocol):
 
 
 @contextlib.contextmanager
-def module_buffers_restored(buffers: Sequence[Tensor] = ()):
+def module_buffers_restored(buffers: Sequence[Tensor] = (), find_modules: bool = True):
     """Within the block, every module that runs a forward gets its buffers back as they were before
     its first call (BatchNorm's running_mean/var and num_batches_tracked, any stateful buffer), and so
     does every tensor in ``buffers``.
@@ -47,6 +47,8 @@ def module_buffers_restored(buffers: Sequence[Tensor] = ()):
     Modules are found by a global forward pre-hook, so no reference to the model is needed -- but
     ``torch.compile``'d modules do not call global hooks: for them, pass ``buffers`` (e.g.
     ``model.buffers()``). A buffer updated by a functional call on free tensors is not covered.
+    ``find_modules=False``: ``buffers`` only, no global hook (a compiled forward would recompile for
+    every new hook: dynamo guards on the global hooks it inlines).
     """
     saved: dict[int, tuple[torch.nn.Module, dict[str, Tensor]]] = {}
     explicit = [(b, b.detach().clone()) for b in buffers]
@@ -59,11 +61,12 @@ def module_buffers_restored(buffers: Sequence[Tensor] = ()):
                 {k: b.clone() for k, b in module._buffers.items() if b is not None and id(b) not in covered},
             )
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(snapshot)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(snapshot) if find_modules else None
     try:
         yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         targets = [module._buffers[key] for module, values in saved.values() for key in values]
         values = [value for _, module_values in saved.values() for value in module_values.values()]
         targets += [tensor for tensor, _ in explicit]

@@ -136,6 +136,12 @@ class StepCurvature:
         if self._sub_batch is not None:
             self._sub_batch.enabled = self.gnb_fraction is not None
 
+    def compile_passes(self, mode: str) -> None:
+        """Compile the curvature's own forward on a sub-batch (``gnb_fraction``), the refreshing steps'
+        extra pass; the other estimates run the caller's (compiled or not) model."""
+        if self._sub_batch is not None:
+            self._sub_batch.compile(mode)
+
     def close(self) -> None:
         """Remove the hook this object put on the model (idempotent)."""
         if self._sub_batch is not None:

@@ -7,14 +7,16 @@ number of tensors; under ``mode="reduce-overhead"`` each is replayed as a CUDA g
 learning rate is a 0-d tensor on the parameters' device, refilled when the scheduler changes it (no
 recompilation, no host-device synchronisation; a CUDA graph reads it from the same address).
 
+``SGDPH.compile_update`` also compiles GNB's sub-batch forward (``gnb_fraction``), the refreshing
+steps' extra pass, as a graph of its own (:meth:`~sgdph_tools.curvature.recorded.RecordedForward.compile`).
+
 What is not compiled, and why (the graph breaks, by design): the step's orchestration -- which step
 refreshes, which tensors, the refresh counts -- is host logic on Python ints (compiled, each new step
-number would be a new guard and a recompilation); the curvature estimate calls ``torch.autograd.grad``
-or ``backward`` on the optimizer's own sub-batch forward, which dynamo does not trace (it runs the
-compiled model's forward and backward graphs when the model is compiled: the trainer compiles it); the
-refreshing step's update, once per ``hessian_every`` steps, runs the eager foreach path; and the first
-step, whose momentum buffers do not exist yet. Results equal the eager path's to rounding (inductor
-may fuse a multiply-add): not bit for bit.
+number would be a new guard and a recompilation); the calls of ``backward`` and ``torch.autograd.grad``,
+which dynamo does not trace (they run the compiled backward graphs); the refreshing step's update, once
+per ``hessian_every`` steps, on the eager foreach path (it updates the curvature EMA and rebuilds the
+cached divisor); the first step, which creates state; and the block rules' update. Results equal the
+eager path's to rounding (inductor may fuse a multiply-add): not bit for bit.
 """
 
 from __future__ import annotations

@@ -285,6 +285,7 @@ class SGDPH(Optimizer):
         if is_sharded(p for g in self.param_groups for p in g["params"]):
             raise ValueError("compile_update does not support FSDP2-sharded parameters: leave it off under FSDP2")
         self._compiled = CompiledUpdate(mode)
+        self.curvature.compile_passes(mode)  # GNB's sub-batch forward and backward on refreshing steps
 
     def close(self) -> None:
         """Remove the forward hook the optimizer put on ``model`` (also done when it is collected)."""
@@ -486,8 +487,7 @@ class SGDPH(Optimizer):
         return grads.loss
 
     def _free_graph(self) -> None:
-        """Detach ``.grad``: a gradient built with ``create_graph`` keeps the double-backward graph
-        alive through the parameter <-> gradient cycle."""
+        """Detach ``.grad``: one built with ``create_graph`` keeps its graph alive (param <-> grad cycle)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p.grad.requires_grad:

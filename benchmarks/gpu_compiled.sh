@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU measurements of the host-light step issue (23), in one call: eager against eager SGDM and
+# compiled (reduce-overhead: CUDA graphs) against compiled SGDM, for the modes the targets name.
+# Run from the repository root on the GPU machine; results under $OUT (default: gpu-out/). Nothing is
+# installed: the machine's own torch and timm run the checkout through PYTHONPATH.
+#
+#   bash benchmarks/gpu_compiled.sh           # DEVICE=cpu QUICK=1 for a dry run of the script itself
+#
+# 1. resnet18_cifar, batch 128 (the paper's; host-bound): GNB ¼ and finite-difference rowsum, every 1
+#    and every 10 steps (the recipes' default is GNB ¼ every 10), eager and compiled.
+# 2. resnet18_cifar, batch 1024 (GPU-bound): the same.
+# 3. resnet50 at 224 px, batch 64: the same.
+# Each step is bounded by `timeout`, in order of importance, so a short device lease keeps what finished.
+set -u -o pipefail
+OUT=${OUT:-gpu-out}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+MODE=${MODE:-reduce-overhead}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+sgdph=(python3 -m sgdph_tools)
+
+{
+  python3 -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__, '|',
+    torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>/dev/null
+} 2>&1 | tee "$OUT/machine.txt"
+
+modes=(--every 1,10 --only 'sgdph gnb, batch x 0.25, every*' --only 'sgdph rowsum, finite_difference, every*')
+if [ "$QUICK" = 1 ]; then
+  sizes=("resnet18_cifar 8 32 60" "small_cnn 8 16 60")
+  steps=(--steps 10 --rounds 1)
+else
+  # seconds each: compilation (the first compiled mode ~a minute; later ones hit inductor's cache) included
+  sizes=("resnet18_cifar 128 32 300" "resnet18_cifar 1024 32 200" "resnet50 64 224 200")
+  steps=(--steps 30 --rounds 1)
+fi
+
+for size in "${sizes[@]}"; do
+  read -r model batch img limit <<<"$size"
+  name="${model}_b${batch}"
+  echo "== $name: eager and compiled ($MODE) =="
+  timeout "$limit" "${sgdph[@]}" bench --device "$DEVICE" --model "$model" --batch "$batch" --img-size "$img" \
+    "${modes[@]}" "${steps[@]}" --compile "$MODE" --json "$OUT/bench_${name}.json" 2>&1 | tee "$OUT/bench_${name}.log"
+done
