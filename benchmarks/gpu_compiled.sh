@@ -28,7 +28,7 @@ sgdph=(python3 -m sgdph_tools)
 
 modes=(--every 1,10 --only 'sgdph gnb, batch x 0.25, every*' --only 'sgdph rowsum, finite_difference, every*')
 if [ "$QUICK" = 1 ]; then
-  sizes=("resnet18_cifar 8 32 60" "small_cnn 8 16 60")
+  sizes=("small_cnn 8 16 240")
   steps=(--steps 10 --rounds 1)
 else
   # seconds each: compilation (the first compiled mode ~a minute; later ones hit inductor's cache) included

@@ -142,6 +142,9 @@ class ForwardReplay:
         #: under FSDP2 (sharded inputs) a gradient comes from FSDP's backward, which writes the
         #: ``.grad`` of every parameter: those to put back afterwards (:mod:`.sharded`)
         self.every_param: list[Tensor] = []
+        #: False: restore ``buffers`` only, without the global hook that finds modules (a compiled
+        #: model would recompile for every new hook: :func:`module_buffers_restored`)
+        self.find_modules = True
 
     @property
     def buffers(self) -> list[Tensor]:
@@ -168,7 +171,7 @@ class ForwardReplay:
         cut = self.cut.replaying() if reuse and self.cut is not None else contextlib.nullcontext()
         with rng_preserved(self.devices):  # ... and afterwards where first() left it
             set_rng_state(self._rng, cuda_indices(self.devices))
-            with module_buffers_restored(self.buffers), torch.enable_grad(), cut:
+            with module_buffers_restored(self.buffers, self.find_modules), torch.enable_grad(), cut:
                 yield
 
     def again_grad(self, inputs: Sequence[Tensor], reuse: bool = True) -> tuple[Tensor, ...]:

@@ -285,7 +285,7 @@ class SGDPH(Optimizer):
         if is_sharded(p for g in self.param_groups for p in g["params"]):
             raise ValueError("compile_update does not support FSDP2-sharded parameters: leave it off under FSDP2")
         self._compiled = CompiledUpdate(mode)
-        self.curvature.compile_passes(mode)  # GNB's sub-batch forward and backward on refreshing steps
+        self.curvature.compile_passes(mode)  # GNB's sub-batch pass; no activation reuse (its hooks recompile)
 
     def close(self) -> None:
         """Remove the forward hook the optimizer put on ``model`` (also done when it is collected)."""

@@ -67,3 +67,30 @@ def test_an_unknown_compile_mode_is_refused_with_the_choices():
     opt = SGDPH(sgdph_param_groups(conv_bn_net()))
     with pytest.raises(ValueError, match="reduce-overhead"):
         opt.compile_update("fast")
+
+
+def test_finite_differences_on_a_compiled_model_stop_recompiling_once_the_update_is_compiled():
+    """Activation reuse cuts the forward at a layer with hooks; on a compiled model they made it recompile
+    at every refresh (84x SGDM's step on small_cnn). compile_update turns the reuse off: after a warm-up
+    of two round-robin cycles, a third compiles nothing new."""
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    compiled_net = torch.compile(net)
+    opt = SGDPH(sgdph_param_groups(net), lr=0.1, estimator="rowsum", engine="finite_difference", model=net)
+    assert opt.reuse_activations
+    opt.compile_update()
+    assert not opt.reuse_activations
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 2, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    cycle = sum(len(group["params"]) for group in opt.param_groups if group["second_order"])
+    torch._dynamo.reset()
+    counters.clear()
+
+    def steps(n):
+        for _ in range(n):
+            opt.step(loss_fn=lambda: F.cross_entropy(compiled_net(x), y))
+
+    steps(2 * cycle)
+    warm = counters["stats"]["unique_graphs"]
+    steps(cycle)
+    assert counters["stats"]["unique_graphs"] == warm
