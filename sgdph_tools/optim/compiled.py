@@ -90,11 +90,26 @@ class CompiledUpdate:
         held = self._lr.get(key)
         if held is None:
             held = (value, torch.tensor(value, device=device))
+            torch._dynamo.mark_static_address(held[1])
         elif held[0] != value:
             held[1].fill_(value)
             held = (value, held[1])
         self._lr[key] = held
         return held[1]
+
+    @staticmethod
+    def static(params: list[Tensor], *tensors: Tensor | None) -> None:
+        """Mark the tensors a compiled update keeps across steps -- parameters, optimizer state, the
+        cached divisor -- as at fixed addresses (as torch's compiled optimizers do), so that CUDA graphs
+        (``reduce-overhead``) read them in place instead of copying them in at every replay. Checked on
+        the first and last parameter: a load or a new group brings new tensors, marked again."""
+        if all(
+            getattr(t, "_dynamo_static_input_type", None) for t in (params[0], params[-1], *tensors) if t is not None
+        ):
+            return
+        for t in (*params, *tensors):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
 
     def sgd_group(self, state: dict[Tensor, dict[str, Any]], group: dict[str, Any]) -> bool:
         """A first-order group's step; False (nothing done) where the eager path must run (a tensor
@@ -107,5 +122,6 @@ class CompiledUpdate:
         if any(b is None for b in bufs):
             return False
         grads = [p.grad for p in params]
+        self.static(params + bufs)
         self.momentum_sgd(params, grads, bufs, self.lr(group, params[0].device), momentum, group["weight_decay"])
         return True

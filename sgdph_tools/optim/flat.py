@@ -54,7 +54,8 @@ class FlatSecondOrder:
         self.direction = torch.empty_like(self.ema)
         self.direction_views = list(self.direction.split(sizes))
         self.cached_key: tuple | None = None
-        self.denominator: Tensor | None = None
+        # the cached divisor, rebuilt in place at each refresh (one address: a CUDA graph keeps reading it)
+        self.denominator = torch.empty_like(self.ema)
         self.numerator = 1.0
 
     @staticmethod
@@ -109,12 +110,13 @@ class FlatSecondOrder:
                 eps_in_correction=group["authors_code"],
                 rule=rule,
             )
-            self.denominator = torch.cat(denominators)
+            torch.cat(denominators, out=self.denominator)
             self.cached_key = key
         momentum, weight_decay = group["momentum"], group["weight_decay"]
         self.steps.add_(1.0)
         if compiled is not None:
             lr = compiled.lr(group, self.ema.device)
+            compiled.static(params, self.buf, self.denominator)
             compiled.flat_update(params, grads, self.buf, self.denominator, self.numerator, lr, momentum, weight_decay)
             return True
         torch.cat(grads, out=self.grad)
