@@ -137,15 +137,16 @@ class StepCurvature:
         if self._sub_batch is not None:
             self._sub_batch.enabled = self.gnb_fraction is not None
 
-    def compile_passes(self, mode: str) -> None:
-        """Compile the curvature's own forward on a sub-batch (``gnb_fraction``), the refreshing steps'
-        extra pass; the other estimates run the caller's (compiled or not) model. Finite differences
-        stop reusing activations: the hooks that cut the forward at a layer, on a compiled model, make
-        it recompile (measured: 84x SGDM's step on small_cnn), whichever module ``model=`` named."""
+    def compile_passes(self, mode: str, sub_batch: bool = True) -> None:
+        """Compile the curvature's own forward on a sub-batch (``gnb_fraction``; not with ``sub_batch=False``:
+        under FSDP2 it runs the sharded module eagerly), the refreshing steps' extra pass; the other
+        estimates run the caller's (compiled or not) model. Finite differences stop reusing activations:
+        the hooks that cut the forward at a layer, on a compiled model, make it recompile (measured: 84x
+        SGDM's step on small_cnn), whichever module ``model=`` named."""
         self.reuse_activations = False
         # the replays restore the model's buffers from a list, without the global hook (it recompiles)
         self._compiled_model = self.model is not None
-        if self._sub_batch is not None:
+        if self._sub_batch is not None and sub_batch:
             self._sub_batch.compile(mode)
 
     def close(self) -> None:

@@ -281,11 +281,10 @@ class SGDPH(Optimizer):
         return self.param_groups[0]["gnb_fraction"]
 
     def compile_update(self, mode: str = "default") -> None:
-        """The repeating steps' arithmetic through ``torch.compile`` (:mod:`.compiled`: what, why, modes)."""
-        if is_sharded(p for g in self.param_groups for p in g["params"]):
-            raise ValueError("compile_update does not support FSDP2-sharded parameters: leave it off under FSDP2")
-        self._compiled = CompiledUpdate(mode)
-        self.curvature.compile_passes(mode)  # GNB's sub-batch pass; no activation reuse (its hooks recompile)
+        """The repeating steps' arithmetic through ``torch.compile`` (:mod:`.compiled`; FSDP2: the passes only)."""
+        sharded = is_sharded(p for g in self.param_groups for p in g["params"])  # FSDP2: the update stays eager
+        self._compiled = None if sharded else CompiledUpdate(mode)
+        self.curvature.compile_passes(mode, sub_batch=not sharded)  # no activation reuse: its hooks recompile
 
     def close(self) -> None:
         """Remove the forward hook the optimizer put on ``model`` (also done when it is collected)."""

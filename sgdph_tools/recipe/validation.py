@@ -279,8 +279,6 @@ def check_fsdp(o: OptimizerCfg, t: Any) -> None:
         )
     if t.precision == "fp16":
         raise UserError("trainer.strategy=fsdp runs fp32 or bf16 (FSDP2's mixed precision): use trainer.precision=bf16")
-    if t.compile:
-        raise UserError("trainer.compile with trainer.strategy=fsdp is not supported yet: set trainer.compile=false")
 
 
 def resolve_sgdph_choices(o: OptimizerCfg) -> None:

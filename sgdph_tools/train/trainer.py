@@ -142,7 +142,7 @@ class Trainer:
             )
         if t.compile:  # forward and backward (AOTAutograd); SGD-PH's repeating update too (optim/compiled.py)
             self.net = torch.compile(self.net, mode=t.compile_mode)
-            if isinstance(self.optimizer, SGDPH):
+            if isinstance(self.optimizer, SGDPH):  # under FSDP2 its update stays eager (optim/compiled.py)
                 self.optimizer.compile_update(t.compile_mode)
         self.on_epoch_end: list[Callable[[int, dict], None]] = []  # hooks (tests use them to interrupt)
 

@@ -255,11 +255,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 SGDPH(sgdph_param_groups(net), **{"model": net, "gnb_fraction": None, **options})
             except ValueError as error:
                 errors[name] = str(error)
-        try:
-            SGDPH(sgdph_param_groups(net), model=net, estimator="gnb", gnb_fraction=0.25).compile_update()
-        except ValueError as error:
-            errors["compile"] = str(error)
         results["errors"] = errors
+        # compile_update under FSDP2: the update stays eager (flat buffers do not shard), the finite
+        # differences' replays are made safe for a compiled model (no activation reuse)
+        opt = SGDPH(sgdph_param_groups(net), model=net, estimator="rowsum", engine="finite_difference")
+        opt.compile_update()
+        results["compile"] = (opt._compiled, opt.reuse_activations)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "rank0.pt"))
         dist.barrier()  # gloo tears down badly when one process leaves while the other still talks
@@ -407,9 +408,9 @@ def test_dcp_round_trip_continues_bit_for_bit(fsdp_results, mode):
 
 def test_modes_that_cannot_shard_are_refused_with_the_fix(fsdp_results):
     errors = fsdp_results["errors"]
-    assert set(errors) == {"autograd", "gnb-logits", "block-exact", "diagonal", "compile"}
+    assert set(errors) == {"autograd", "gnb-logits", "block-exact", "diagonal"}
     assert "double backward" in errors["autograd"] and "finite_difference" in errors["autograd"]
     assert "gnb_fraction" in errors["gnb-logits"]
     assert "double backward" in errors["block-exact"] and "cheap mode" in errors["block-exact"]
     assert "estimator='gnb' with gnb_fraction" in errors["diagonal"]
-    assert "FSDP2" in errors["compile"] and "leave it off" in errors["compile"]
+    assert fsdp_results["compile"] == (None, False)
