@@ -10,6 +10,7 @@
 #    and every 10 steps (the recipes' default is GNB ¼ every 10), eager and compiled.
 # 2. resnet18_cifar, batch 1024 (GPU-bound): the same.
 # 3. resnet50 at 224 px, batch 64: the same.
+# 4. Diagnostics: a short compiled training run with dynamo's perf hints (CUDA-graph skips) and recompiles.
 # Each step is bounded by `timeout`, in order of importance, so a short device lease keeps what finished.
 set -u -o pipefail
 OUT=${OUT:-gpu-out}
@@ -43,3 +44,12 @@ for size in "${sizes[@]}"; do
   timeout "$limit" "${sgdph[@]}" bench --device "$DEVICE" --model "$model" --batch "$batch" --img-size "$img" \
     "${modes[@]}" "${steps[@]}" --compile "$MODE" --json "$OUT/bench_${name}.json" 2>&1 | tee "$OUT/bench_${name}.log"
 done
+
+# 4. Why a compiled graph would not replay as a CUDA graph (skips, recompiles, pending backwards): one
+#    epoch of the quickstart recipe (GNB ¼ every 10) compiled with $MODE, dynamo's hints logged.
+echo "== diagnostics: quickstart, compiled ($MODE) =="
+TORCH_LOGS=perf_hints,recompiles timeout "${DIAG_LIMIT:-120}" "${sgdph[@]}" train recipes/quickstart.yaml \
+  trainer.device="$DEVICE" trainer.compile=true trainer.compile_mode="$MODE" trainer.epochs=2 trainer.progress=false \
+  trainer.output_dir="$OUT/runs" trainer.name=compiled-diagnostics >"$OUT/diagnostics.log" 2>&1
+grep -E '^epoch|cudagraph|Recompiling|skipping' "$OUT/diagnostics.log" | head -n 40
+rm -rf "$OUT/runs"
