@@ -13,19 +13,8 @@
 # 4. Diagnostics: a short compiled training run with dynamo's perf hints (CUDA-graph skips) and recompiles.
 # Each step is bounded by `timeout`, in order of importance, so a short device lease keeps what finished.
 set -u -o pipefail
-OUT=${OUT:-gpu-out}
-DEVICE=${DEVICE:-cuda}
-QUICK=${QUICK:-0}
 MODE=${MODE:-reduce-overhead}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-sgdph=(python3 -m sgdph_tools)
-
-{
-  python3 -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__, '|',
-    torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>/dev/null
-} 2>&1 | tee "$OUT/machine.txt"
+source "$(dirname "$0")/gpu_env.sh"  # OUT, DEVICE, QUICK, PYTHONPATH, sgdph, machine.txt
 
 modes=(--every 1,10 --only 'sgdph gnb, batch x 0.25, every*' --only 'sgdph rowsum, finite_difference, every*')
 if [ "$QUICK" = 1 ]; then

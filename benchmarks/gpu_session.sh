@@ -11,18 +11,7 @@
 #    (fused attention) with the autograd engine and with GNB; two epochs each (the log shows
 #    images/s per epoch), bf16 autocast once.
 set -u -o pipefail
-OUT=${OUT:-gpu-out}
-DEVICE=${DEVICE:-cuda}
-QUICK=${QUICK:-0}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-sgdph=(python3 -m sgdph_tools)
-
-{
-  python3 -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__, '|',
-    torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>/dev/null
-} 2>&1 | tee "$OUT/machine.txt"
+source "$(dirname "$0")/gpu_env.sh"  # OUT, DEVICE, QUICK, PYTHONPATH, sgdph, machine.txt
 
 if [ "$QUICK" = 1 ]; then
   bench_args=(--batch 8 --steps 1 --only 'sgdph gnb*every 1')

@@ -25,7 +25,7 @@ from .. import checks
 from .capabilities import HESSIAN_ENGINES, PRODUCT_ESTIMATORS, check_choice
 from .products import AutogradHVP, FiniteDifferenceHVP, Product, math_attention
 from .replay import ForwardReplay, LossFn
-from .sharded import DTensor
+from .sharded import DTensor, local_like
 
 
 def rademacher_like(t: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -34,12 +34,8 @@ def rademacher_like(t: Tensor, generator: torch.Generator | None = None) -> Tens
     (no communication): with the generator seeded alike on every rank, the shards form one probe."""
     device = generator.device if generator is not None else t.device
     z = torch.randint(0, 2, t.shape, generator=generator, device=device, dtype=torch.int8)
-    if isinstance(t, DTensor):
-        from torch.distributed.tensor import distribute_tensor
-
-        z = z.to(device=t.to_local().device, dtype=t.dtype).mul_(2).sub_(1)
-        return distribute_tensor(z, t.device_mesh, t.placements, src_data_rank=None)
-    return z.to(device=t.device, dtype=t.dtype).mul_(2).sub_(1)
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local_like(z.to(device=local.device, dtype=t.dtype).mul_(2).sub_(1), t)
 
 
 def estimate(

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..distributed import DTensor
 
 #: what to use under FSDP2 instead of a mode that cannot work there
@@ -148,8 +149,6 @@ def sharded_rows(
     rows of ``logits``), one backward through FSDP per chunk. FSDP averages each chunk's gradient over
     processes, so it is multiplied by the number of processes: the global chunk's sum. Every process
     runs the same number of backwards (the largest chunk count; a process with fewer runs zeros)."""
-    from .. import distributed
-
     batch = logits.shape[0]
     count = torch.tensor([chunks], device=logits.device)
     if distributed.world_size() > 1:

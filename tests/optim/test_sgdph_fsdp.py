@@ -109,6 +109,11 @@ def train(net, opt, x, y, usage, steps):
         opt.step(closure) if usage == "closure" else opt.step(loss_fn=loss_fn)
 
 
+def step_losses(net, opt, x, y, steps=12):
+    """The loss of each of ``steps`` SGD-PH steps (``loss_fn`` form) on one batch."""
+    return [opt.step(loss_fn=lambda: (F.cross_entropy(logits := net(x), y), logits)).item() for _ in range(steps)]
+
+
 def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -187,14 +192,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         net = sharded(conv_bn_net())
         opt = SGDPH(sgdph_param_groups(net), lr=0.1, estimator="gnb", gnb_fraction=0.25, model=net)
         x, y = image_batch()
-        losses = []
-        for _ in range(12):
-            losses.append(
-                opt.step(
-                    loss_fn=lambda: (F.cross_entropy(logits := net(x[rank::WORLD]), y[rank::WORLD]), logits)
-                ).item()
-            )
-        results["losses"] = losses
+        results["losses"] = step_losses(net, opt, x[rank::WORLD], y[rank::WORLD])
         results["sharded_state"] = all(
             isinstance(v, DTensor) and v.placements == p.placements and v.to_local().shape == p.to_local().shape
             for p in net.parameters()
@@ -208,16 +206,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             torch.manual_seed(0)
             net = sharded(conv_bn_net())
             opt = SGDPH(sgdph_param_groups(net), lr=0.1, rule=rule, model=net)
-            losses = []
-            for _ in range(12):
-                losses.append(
-                    opt.step(
-                        loss_fn=lambda: (F.cross_entropy(logits := net(x[rank::WORLD]), y[rank::WORLD]), logits)
-                    ).item()
-                )
+            losses = step_losses(net, opt, x[rank::WORLD], y[rank::WORLD])
             held = [s["hessian_block"] for s in opt.state.values() if "hessian_block" in s]
-            gathered = [torch.zeros_like(torch.cat([b.reshape(-1) for b in held])) for _ in range(WORLD)]
-            dist.all_gather(gathered, torch.cat([b.reshape(-1) for b in held]))
+            mine = torch.cat([b.reshape(-1) for b in held])
+            gathered = [torch.zeros_like(mine) for _ in range(WORLD)]
+            dist.all_gather(gathered, mine)
             results[rule] = (losses, len(held), all(torch.equal(gathered[0], g) for g in gathered))
 
         # 3b. trainer.precision=bf16's policy (train/sharding.py): what each layer computes with
