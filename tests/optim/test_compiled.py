@@ -47,7 +47,11 @@ def test_the_compiled_update_follows_the_eager_one_without_recompiling_as_the_lr
     compiled.compile_update()
     flat = compiled._compiled.flat_update = Calls(compiled._compiled.flat_update)
     sgd = compiled._compiled.momentum_sgd = Calls(compiled._compiled.momentum_sgd)
+    addresses = set()
     for step in range(STEPS):
+        held = next((f for f in compiled._flat.values() if f is not None), None)
+        if held is not None:  # built after the first refresh
+            addresses.add(held.denominator.data_ptr())
         for net, opt in ((eager_net, eager), (compiled_net, compiled)):
             for group in opt.param_groups:
                 group["lr"] = 0.1 * (1 - step / STEPS)
@@ -59,6 +63,14 @@ def test_the_compiled_update_follows_the_eager_one_without_recompiling_as_the_lr
     assert counters["stats"]["unique_graphs"] == 3
     for a, b in zip(eager_net.buffers(), compiled_net.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # what a CUDA graph keeps reading stays where it was: the cached divisor, rebuilt at each refresh, in
+    # place; the parameters, the optimizer state and the divisor are marked at static addresses
+    assert len(addresses) == 1
+    held = next(f for f in compiled._flat.values() if f is not None)
+    kept = [*compiled_net.parameters(), held.buf, held.denominator]
+    first_order = [p for g in compiled.param_groups if not g["second_order"] for p in g["params"]]
+    kept += [compiled.state[p]["momentum_buffer"] for p in first_order]  # (the others: views of held.buf)
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in kept)
     for state_a, state_b in zip(eager.state.values(), compiled.state.values()):
         torch.testing.assert_close(state_b["momentum_buffer"], state_a["momentum_buffer"], rtol=1e-5, atol=1e-6)
 
