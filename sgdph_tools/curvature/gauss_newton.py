@@ -84,23 +84,38 @@ def bartlett_gradients(
     sampled from their softmax, per parameter (NaN where the logits are not finite)."""
     params = _check_params(params)
     loss = sampled_label_loss(logits, generator)
-    if loss is None:
-        return [torch.full_like(p, float("nan")) for p in params], logits.shape[0]
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
     return list(grads), logits.shape[0]
 
 
-def sampled_label_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
-    """The mean cross-entropy of ``logits`` against labels sampled from their softmax (None where the
-    logits are not finite: there is nothing to sample from)."""
+def sampled_label_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The mean cross-entropy of ``logits`` against labels sampled from their softmax; NaN (and so are
+    its gradients) where the softmax is not finite: there is nothing to sample from."""
     _check_logits(logits)
     checks.generator("generator", generator)
+    labels, finite = sampled_labels(logits, generator)
+    loss = F.cross_entropy(logits, labels)
+    return loss * finite.to(loss.dtype)  # x 1: the same loss and gradients to the bit
+
+
+def sampled_labels(logits: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``(labels, finite)``: one label per row drawn from ``softmax(logits)`` (on ``generator``'s device),
+    and a 0-d tensor that is 1 where the whole softmax is finite, NaN where not -- a factor, not a
+    branch: no host-device synchronisation.
+
+    The draw is ``torch.multinomial(probs, 1)``'s own algorithm for one sample, ``argmax(p / q)`` with
+    ``q ~ Exp(1)`` from the same generator (ATen's ``Distributions.cpp``; the same labels and the same
+    generator state, checked in tests/curvature/test_gauss_newton.py), without the validity checks
+    around it: they cost five more launches and, on a GPU, a device-side assert that would abort the
+    CUDA context on a NaN softmax where this gives a NaN estimate (the optimizer then keeps its previous
+    one). A non-finite softmax is drawn from as uniform; its labels are never used, the estimate is NaN."""
     probs = torch.softmax(logits.detach().float(), dim=1)
-    if not bool(torch.isfinite(probs).all()):
-        return None
+    finite = torch.isfinite(probs).all()
     device = generator.device if generator is not None else probs.device
-    labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
-    return F.cross_entropy(logits, labels)
+    probs = torch.where(finite, probs, 1.0).to(device)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    labels = probs.div_(race).argmax(1).to(logits.device)
+    return labels, torch.where(finite, 1.0, float("nan"))
 
 
 #: chunks per batched backward in :func:`bartlett_rows` (time about the same, memory down by c / this)
@@ -121,8 +136,6 @@ def bartlett_rows(
     batch, classes = logits.shape
     c = chunk_count(batch, chunks)
     residual = sampled_residual(logits, generator)
-    if residual is None:
-        return [torch.full((c, *p.shape), float("nan"), dtype=p.dtype, device=p.device) for p in params], batch
     rows = torch.arange(batch, device=logits.device)
     outputs = torch.zeros(c, batch, classes, dtype=logits.dtype, device=logits.device)
     outputs[rows * c // batch, rows] = residual
@@ -143,16 +156,13 @@ def chunk_count(batch: int, chunks: int | None) -> int:
     return batch if chunks is None else max(1, min(chunks, batch))
 
 
-def sampled_residual(logits: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+def sampled_residual(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """``pᵢ − e_ŷᵢ`` per row, labels ŷ sampled from the softmax: the gradient of the cross-entropy
-    against ŷ with respect to each row's logits (None where the logits are not finite)."""
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    if not bool(torch.isfinite(probs).all()):
-        return None
-    device = generator.device if generator is not None else probs.device
-    labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
+    against ŷ with respect to each row's logits (NaN everywhere where the softmax is not finite)."""
+    labels, finite = sampled_labels(logits, generator)
     # in the logits' dtype, as the cross-entropy's own gradient (the float32 probs only sample)
-    return torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    residual = torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return residual * finite.to(residual.dtype)
 
 
 def bartlett_row_curvature(rows: Sequence[Tensor], batch: int, blocks: Sequence[bool]) -> list[Tensor]:
@@ -259,8 +269,6 @@ class SubBatchGNB(RecordedForward):
                 # FSDP2: a backward per chunk, whole rows gathered (curvature/sharded.py); every process
                 # runs them, NaN rows where its logits are not finite
                 residual = sampled_residual(logits, generator)
-                if residual is None:
-                    residual = torch.full_like(logits.detach(), float("nan"))
                 every = self.module.parameters()
                 u = sharded_rows(logits, residual, chunk_count(rows, chunks), params, every)
                 return u, rows * distributed.world_size()
@@ -270,8 +278,6 @@ class SubBatchGNB(RecordedForward):
                 return bartlett_gradients(logits, params, generator)
             # FSDP2: the gradient by FSDP's backward, averaged over every process's sub-batch, so the
             # Bartlett square is scaled by the global sub-batch (curvature/sharded.py)
-            loss = sampled_label_loss(logits, generator)
-            if loss is None:  # non-finite logits: NaN estimates, but every process runs the backward
-                loss = logits.sum() * float("nan")
+            loss = sampled_label_loss(logits, generator)  # NaN where not finite: every process runs the backward
             grads = gradients_by_backward(loss, params, self.module.parameters())
             return grads, rows * distributed.world_size()

@@ -66,7 +66,11 @@ def finite_difference_step(params: Sequence[Tensor], vectors: Sequence[Tensor]) 
 
 
 def _rms(tensors: Sequence[Tensor]) -> float:
-    """The root-mean-square of all entries of ``tensors`` (FSDP2 shards: over the whole tensors)."""
+    """The root-mean-square of all entries of ``tensors`` (FSDP2 shards: over the whole tensors).
+
+    A host read (two per finite difference, on refreshing steps only): the step r stays a Python
+    scalar so that ``p.add_(v, alpha=r)`` is one fused multiply-add; a device r would need ``v * r``
+    first -- another kernel and another rounding of every estimate."""
     if is_sharded(tensors):  # a global sum of squares per shard: DTensor reduces it across processes
         total = sum(global_value(t.detach().float().square().sum()) for t in tensors)
         return (total / sum(t.numel() for t in tensors)).sqrt().item()

@@ -9,7 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sgdph_tools.curvature import GGNVectorProduct, estimate, gauss_newton_bartlett, ggn_vector_product
-from sgdph_tools.curvature.gauss_newton import bartlett_row_curvature, bartlett_rows
+from sgdph_tools.curvature.gauss_newton import (
+    bartlett_row_curvature,
+    bartlett_rows,
+    sampled_label_loss,
+    sampled_labels,
+    sampled_residual,
+)
 from tests.conftest import batch_for, conv_bn_net, ln_mlp
 
 
@@ -146,3 +152,39 @@ def test_bartlett_rows_are_per_chunk_sampled_label_gradients_and_unbiased_for_th
         stack = torch.stack([d[k] for d in draws])
         mean, se = stack.mean(0), stack.std(0) / len(draws) ** 0.5
         assert ((mean - target).abs() <= 4.5 * se + 1e-12).all(), (k, chunks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampled_labels_are_torch_multinomials_draw_to_the_bit(dtype):
+    """The sync-free draw gives ``torch.multinomial(softmax, 1)``'s labels and leaves the generator in
+    the same state (its one-sample algorithm, without the checks around it): estimates are unchanged
+    from when the sampler was torch.multinomial. A masked class (-inf logit) is never drawn."""
+    for seed in range(40):
+        logits = torch.randn(7 + seed, 3 + seed % 11, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        logits[:, 0] = float("-inf") if seed % 3 == 0 else logits[:, 0]
+        ours, torchs = torch.Generator().manual_seed(100 + seed), torch.Generator().manual_seed(100 + seed)
+        labels, finite = sampled_labels(logits, ours)
+        expected = torch.multinomial(torch.softmax(logits.float(), 1), 1, generator=torchs).squeeze(1)
+        assert torch.equal(labels, expected) and finite.item() == 1.0
+        assert torch.equal(ours.get_state(), torchs.get_state())
+        assert seed % 3 or not (labels == 0).any()
+
+
+def test_non_finite_logits_give_nan_estimates_with_no_data_dependent_branch():
+    """One non-finite row makes every estimate NaN (the optimizer then keeps its previous one), as a
+    factor rather than a host-side check: dynamo traces the sampled-label gradient and the per-chunk
+    residual whole, which a ``bool()`` or ``.item()`` of a device tensor would break."""
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    x, _ = batch_for(net)
+    params = one_d(net)
+    logits = net(x)
+    bad = logits.clone()
+    bad[1, 2] = float("nan")
+    assert all(torch.isnan(h).all() for h in gauss_newton_bartlett(bad, params))
+    assert all(torch.isnan(u).all() for u in bartlett_rows(bad, params, 2)[0])
+    assert all(torch.isfinite(h).all() for h in gauss_newton_bartlett(logits, params))
+    torch._dynamo.reset()
+    for traced in (sampled_residual, sampled_label_loss):
+        explained = torch._dynamo.explain(traced)(logits.detach().requires_grad_())
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

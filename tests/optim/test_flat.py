@@ -97,3 +97,43 @@ def test_a_frozen_tensor_takes_the_per_tensor_path():
     flat, plain = (train(net, 8, foreach=f) for net, f in zip(nets, (None, False)))
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(p, q)
+
+
+#: (estimator settings, host reads on a refreshing step, and why each is needed)
+HOST_READS = {
+    # the finiteness of the estimate: it decides whether the curvature state is updated
+    "gnb-sub-batch": (dict(estimator="gnb", gnb_fraction=0.25), 1),
+    "gnb-logits": (dict(estimator="gnb"), 1),
+    # and the finite-difference step r = sqrt(eps)·max(1, rms θ) / rms v (two root-mean-squares)
+    "rowsum-fd": (dict(estimator="rowsum", engine="finite_difference"), 3),
+    "hutchinson-fd": (dict(estimator="hutchinson", engine="finite_difference"), 3),
+}
+
+
+@pytest.mark.parametrize("case", HOST_READS)
+def test_steps_read_nothing_back_from_the_device_but_what_a_refresh_decides_on(case):
+    """Every ``.item()``, ``bool()`` or ``float()`` of a tensor is one ``aten::_local_scalar_dense`` --
+    on a GPU a host-device synchronisation that drains the launch queue. Counted with torch's profiler
+    over steps 2-7 (refreshes at 4 and 7): none between refreshes, on a refresh only the reads listed
+    above. The first step (it creates the state) is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.conftest import batch_for, conv_bn_net
+
+    settings, on_refresh = HOST_READS[case]
+    torch.manual_seed(0)
+    net = conv_bn_net()
+    x, y = batch_for(net)
+    opt = SGDPH(sgdph_param_groups(net), lr=0.05, weight_decay=5e-4, hessian_every=3, model=net, **settings)
+
+    def loss_fn():
+        logits = net(x)
+        return F.cross_entropy(logits, y), logits
+
+    opt.step(loss_fn=loss_fn)
+    reads = []
+    for _ in range(6):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step(loss_fn=loss_fn)
+        reads.append(sum(e.name == "aten::_local_scalar_dense" for e in prof.events()))
+    assert reads == [0, 0, on_refresh, 0, 0, on_refresh]
