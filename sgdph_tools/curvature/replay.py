@@ -51,7 +51,8 @@ def module_buffers_restored(buffers: Sequence[Tensor] = (), find_modules: bool =
     every new hook: dynamo guards on the global hooks it inlines).
     """
     saved: dict[int, tuple[torch.nn.Module, dict[str, Tensor]]] = {}
-    explicit = [(b, b.detach().clone()) for b in buffers]
+    buffers = list(buffers)
+    explicit = list(zip(buffers, copies(buffers)))
     covered = {id(b) for b, _ in explicit}  # snapshotted already: the hook does not clone them again
 
     def snapshot(module: torch.nn.Module, args) -> None:
@@ -74,6 +75,22 @@ def module_buffers_restored(buffers: Sequence[Tensor] = (), find_modules: bool =
         if targets:
             with torch.no_grad():
                 torch._foreach_copy_(targets, values)  # one multi-tensor copy, not one per buffer
+
+
+def copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` (no autograd history) in one multi-tensor copy per device and dtype: a
+    ``clone`` each would be a launch each on a GPU (60 for resnet18's BatchNorm buffers, on every
+    refresh). Copies, bit for bit (``copy_``: no arithmetic)."""
+    out = [torch.empty_like(t, requires_grad=False) for t in tensors]
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for dst, src in zip(out, tensors):
+        targets, sources = groups.setdefault((src.device, src.dtype), ([], []))
+        targets.append(dst)
+        sources.append(src)
+    with torch.no_grad():
+        for targets, sources in groups.values():
+            torch._foreach_copy_(targets, sources)
+    return out
 
 
 def cuda_indices(devices: Iterable[torch.device]) -> list[int]:

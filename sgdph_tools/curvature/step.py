@@ -382,7 +382,7 @@ class StepCurvature:
                     h = estimate(self.estimator, engine, refresh, range(len(refresh)), generator)
         except RuntimeError as error:
             raise _clearer(error) from None
-        h = [x.detach() for x in h]
+        h = [x.detach() if x.requires_grad else x for x in h]  # a detach is a dispatch per tensor
         # Products through a graph of the scaled loss are scaled; the logits-based estimates are not.
         scale = grads.product_scale
         if scale is not None and not (self.needs.reads_logits or self.estimator == "gnb"):

@@ -1,11 +1,12 @@
 """The step's arithmetic through ``torch.compile``: :meth:`SGDPH.compile_update <.sgdph.SGDPH.compile_update>`.
 
-What is compiled is the arithmetic of the steps that repeat: the flat update of the second-order
-tensors between refreshes (:mod:`.flat`: momentum, the cached divisor, weight decay, the parameters'
-add) and the first-order tensors' momentum SGD. Inductor fuses each into a few kernels whatever the
-number of tensors; under ``mode="reduce-overhead"`` each is replayed as a CUDA graph (one launch). The
-learning rate is a 0-d tensor on the parameters' device, refilled when the scheduler changes it (no
-recompilation, no host-device synchronisation; a CUDA graph reads it from the same address).
+What is compiled is the arithmetic of the steps that repeat: the flat update of the second-order tensors
+(:mod:`.flat`: momentum, the divisor cached from the last refresh, weight decay, the parameters' add; on
+every step, refreshing ones too) and the first-order tensors' momentum SGD. Inductor fuses each into a
+few kernels whatever the number of tensors; under ``mode="reduce-overhead"`` each is replayed as a CUDA
+graph (one launch). The learning rate is a 0-d tensor on the parameters' device, refilled when the
+scheduler changes it (no recompilation, no host-device synchronisation; a CUDA graph reads it from the
+same address).
 
 ``SGDPH.compile_update`` also compiles GNB's sub-batch forward (``gnb_fraction``), the refreshing
 steps' extra pass, as a graph of its own (:meth:`~sgdph_tools.curvature.recorded.RecordedForward.compile`).
@@ -13,9 +14,10 @@ steps' extra pass, as a graph of its own (:meth:`~sgdph_tools.curvature.recorded
 What is not compiled, and why (the graph breaks, by design): the step's orchestration -- which step
 refreshes, which tensors, the refresh counts -- is host logic on Python ints (compiled, each new step
 number would be a new guard and a recompilation); the calls of ``backward`` and ``torch.autograd.grad``,
-which dynamo does not trace (they run the compiled backward graphs); the refreshing step's update, once
-per ``hessian_every`` steps, on the eager foreach path (it updates the curvature EMA and rebuilds the
-cached divisor); the first step, which creates state; and the block rules' update. Results equal the
+which dynamo does not trace (they run the compiled backward graphs); on a refreshing step, once per
+``hessian_every`` steps, folding the estimates into the curvature EMA and rebuilding the cached divisor
+(eager foreach kernels; the update itself is then the compiled flat one); steps on which some tensor has
+no curvature yet (a round robin's first cycle); and the block rules' update. Results equal the
 eager path's to rounding (inductor may fuse a multiply-add): not bit for bit.
 """
 

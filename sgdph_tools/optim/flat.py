@@ -1,4 +1,4 @@
-"""The host-light update of a second-order param group on the steps that refresh nothing.
+"""The host-light update of a second-order param group: flat state, a divisor cached between refreshes.
 
 SGD-PH's second-order tensors are many and small (41-107 1-D tensors in resnet18_cifar, resnet50,
 vit_small): updated one tensor at a time -- or with foreach, which on a CPU is a loop of per-tensor
@@ -16,9 +16,11 @@ means). A step is then: one ``cat`` of the gradients, a constant number of flat 
 division, weight decay), one foreach over the parameters and one add to the step counters -- the same
 per-element arithmetic as the general path, in the same order, so the results are bit-identical.
 
-Where a case is rare, the general path runs instead (it keeps the flat buffers coherent through the
-views): a refreshing step, a tensor without a gradient, tensors with and without curvature mixed
-(before the first refresh of every tensor).
+A refreshing step folds its fresh estimates into the curvature EMA through the views first
+(:func:`.update.refreshed_flat`) and is then a flat step too, its divisor rebuilt once for the steps
+up to the next refresh. Where a case is rare, the general path runs instead (it keeps the flat buffers
+coherent through the views): a tensor without a gradient, tensors with and without curvature mixed
+(before the first refresh of every tensor), FSDP2's sharded parameters.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class FlatSecondOrder:
         if not params:
             return False
         first = params[0]
+        if type(first) not in (torch.Tensor, torch.nn.Parameter):  # a subclass (FSDP2's DTensor) shards
+            return False
         return all(
             p.ndim == 1
             and p.is_contiguous()

@@ -133,6 +133,12 @@ def step_denominators(
     return relative, 1.0 + eps
 
 
+def fold_curvature(emas: list[Tensor], hessians: list[Tensor], hessian_momentum: float) -> None:
+    """``D ← α·D + (1 - α)·|h|`` for each pair, in multi-tensor kernels (one device and dtype)."""
+    torch._foreach_mul_(emas, hessian_momentum)
+    torch._foreach_add_(emas, torch._foreach_abs(hessians), alpha=1 - hessian_momentum)
+
+
 def _single_tensor_sgdph(
     params,
     grads,
@@ -214,10 +220,8 @@ def _multi_tensor_sgdph(
             steps = dev_grads
         fresh = [i for i, h in enumerate(dev_hessians) if h is not None]
         if fresh:
-            emas = [dev_emas[i] for i in fresh]
-            torch._foreach_mul_(emas, hessian_momentum)
-            torch._foreach_add_(
-                emas, torch._foreach_abs([cast(Tensor, dev_hessians[i]) for i in fresh]), alpha=1 - hessian_momentum
+            fold_curvature(
+                [dev_emas[i] for i in fresh], [cast(Tensor, dev_hessians[i]) for i in fresh], hessian_momentum
             )
         corrections = [bias_corrections[j] for j in indices]
         pre = [i for i, c in enumerate(corrections) if c is not None]

@@ -1,5 +1,5 @@
 """One param group's update: first-order tensors by torch's ``sgd``; second-order tensors by the
-flat path between refreshes (:mod:`.flat`) or by the functional :func:`~.functional.sgdph`."""
+flat path (:mod:`.flat`; a refresh folds its estimates in first) or by the functional :func:`~.functional.sgdph`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.optim.sgd import sgd as sgd_functional
 from .block import BlockInverses, BlockProduct, block_newton_group, is_block_group, keeps_block
 from .compiled import CompiledUpdate
 from .flat import FlatSecondOrder
-from .functional import sgdph
+from .functional import fold_curvature, sgdph
 
 
 def update_group(
@@ -39,14 +39,18 @@ def update_group(
         cache = (inverses if inverses is not None else {}).setdefault(id(group), BlockInverses())
         return block_newton_group(state, group, hessians, cache, product, exact_index or {})
     foreach = True if group["foreach"] is None else group["foreach"]  # on CPU too (fewer Python calls)
-    if group["second_order"] and not hessians and foreach:
+    if group["second_order"] and foreach:
         flat = flat_for(state, group, flats)
-        if flat is not None and flat.step(
-            group,
-            state,
-            lambda: corrections(state, group, flat.params, step, one_d),
-            correction_key(group, step, one_d),
-            compiled,
+        if (
+            flat is not None
+            and refreshed_flat(state, group, flat, hessians)
+            and flat.step(
+                group,
+                state,
+                lambda: corrections(state, group, flat.params, step, one_d),
+                correction_key(group, step, one_d),
+                compiled,
+            )
         ):
             return True
     if compiled is not None and not group["second_order"] and compiled.sgd_group(state, group):
@@ -102,6 +106,32 @@ def update_group(
         for p, buf in zip(params, bufs):
             state[p]["momentum_buffer"] = buf
     return group["second_order"]
+
+
+def refreshed_flat(
+    state: dict[Tensor, dict[str, Any]], group: dict[str, Any], flat: FlatSecondOrder, hessians: dict[Tensor, Tensor]
+) -> bool:
+    """On a refreshing step, fold the group's fresh estimates into the flat curvature EMA (through its
+    views), so that the step itself is the flat one and its divisor, rebuilt once here, serves the steps
+    until the next refresh (the general path would compute it for this step and the flat one again on
+    the next). False, with nothing changed, where the general path must run: a tensor without a
+    gradient, or one still without curvature after this refresh (its step is SGD's)."""
+    fresh = [hessians.get(p) for p in flat.params] if hessians else []
+    if not any(h is not None for h in fresh):
+        return True
+    if any(p.grad is None for p in flat.params):
+        return False
+    if not group["authors_code"] and any(
+        h is None and not state[p]["hessian_refreshes"] for p, h in zip(flat.params, fresh)
+    ):
+        return False
+    pairs = [(state[p], h) for p, h in zip(flat.params, fresh) if h is not None]
+    for entry, _ in pairs:
+        entry["hessian_refreshes"] += 1
+    alpha = group["momentum"] if group["authors_code"] else group["hessian_momentum"]
+    fold_curvature([entry["hessian_ema"] for entry, _ in pairs], [h for _, h in pairs], alpha)
+    flat.invalidate()
+    return True
 
 
 def corrections(
