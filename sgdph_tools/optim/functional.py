@@ -128,9 +128,15 @@ def step_denominators(
         torch._foreach_add_(curvature, 1.0)
         return curvature, 1.0
     # normalized: a tensor whose curvature is all zero has mean 0 and 0/0 = nan there; it gets r = 1.
-    relative = [torch.nan_to_num_(d / d.mean(), nan=1.0) for d in curvature]
-    torch._foreach_add_(relative, eps)
-    return relative, 1.0 + eps
+    # Each mean is its tensor's own reduction (a segment reduction over all would sum in another order
+    # and change bits); the division, nan_to_num and ε then run once over all tensors laid end to end,
+    # element for element the same arithmetic: 3 kernels instead of 3 per tensor.
+    means = [d.mean() for d in curvature]
+    sizes = [d.numel() for d in curvature]
+    relative = torch.cat([d if d.ndim == 1 else d.reshape(-1) for d in curvature])
+    relative.div_(torch.cat([m.expand(n) for m, n in zip(means, sizes)]))
+    relative.nan_to_num_(nan=1.0).add_(eps)
+    return [r if d.ndim == 1 else r.view_as(d) for r, d in zip(relative.split(sizes), curvature)], 1.0 + eps
 
 
 def fold_curvature(emas: list[Tensor], hessians: list[Tensor], hessian_momentum: float) -> None:
