@@ -436,7 +436,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
         tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     devices: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
-        devices.setdefault(t.device, []).append(t.reshape(-1))
+        devices.setdefault(t.device, []).append(t if t.ndim == 1 else t.reshape(-1))  # a reshape is a dispatch
     checks = [torch.isfinite(torch.cat(flat)).all() for flat in devices.values()]
     finite = bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
     return distributed.all_true(finite, tensors[0].device) if sharded else finite
