@@ -59,23 +59,23 @@ def finite_difference_step(params: Sequence[Tensor], vectors: Sequence[Tensor]) 
     large parameters and absolute (about 3e-4 in float32) for small ones, such as betas at zero.
     """
     eps = torch.finfo(params[0].dtype).eps
-    rms_theta, rms_v = _rms(params), _rms(vectors)
+    # one host read for both (on refreshing steps only): r stays a Python scalar so that
+    # ``p.add_(v, alpha=r)`` is one fused multiply-add; a device r would need ``v * r`` first -- another
+    # kernel and another rounding of every estimate
+    rms_theta, rms_v = torch.stack([_rms(params), _rms(vectors)]).tolist()
     if rms_v == 0.0:
         raise ValueError("finite-difference HVP along a zero vector")
     return eps**0.5 * max(1.0, rms_theta) / rms_v
 
 
-def _rms(tensors: Sequence[Tensor]) -> float:
-    """The root-mean-square of all entries of ``tensors`` (FSDP2 shards: over the whole tensors).
-
-    A host read (two per finite difference, on refreshing steps only): the step r stays a Python
-    scalar so that ``p.add_(v, alpha=r)`` is one fused multiply-add; a device r would need ``v * r``
-    first -- another kernel and another rounding of every estimate."""
+def _rms(tensors: Sequence[Tensor]) -> Tensor:
+    """The root-mean-square of all entries of ``tensors`` (FSDP2 shards: over the whole tensors), a
+    float32 0-d tensor."""
     if is_sharded(tensors):  # a global sum of squares per shard: DTensor reduces it across processes
         total = sum(global_value(t.detach().float().square().sum()) for t in tensors)
-        return (total / sum(t.numel() for t in tensors)).sqrt().item()
+        return (total / sum(t.numel() for t in tensors)).sqrt()
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    return flat.square().mean().sqrt().item()
+    return flat.square().mean().sqrt()
 
 
 class FiniteDifferenceHVP:
