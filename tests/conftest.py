@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
 
 
 def conv_bn_net(act: type[nn.Module] = nn.ReLU, num_classes: int = 3, dropout: float = 0.0) -> nn.Sequential:
@@ -82,3 +83,26 @@ def join_gloo(rank: int, port: int, world: int) -> None:
 @pytest.fixture
 def free_port() -> int:
     return unused_port()
+
+
+class _ReadsWithoutScalarOp(torch.overrides.TorchFunctionMode):
+    """Counts the host reads that the profiler does not show as ``aten::_local_scalar_dense``."""
+
+    NAMES = ("tolist", "numpy", "cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn) -> int:
+    """Every ``.item()``, ``bool()``, ``float()`` of a tensor, and every read inside an aten operator, is
+    one ``aten::_local_scalar_dense`` (counted with torch's profiler); ``tolist()``, ``numpy()`` and
+    ``cpu()`` are counted at the Python level. On a GPU each is a host-device synchronisation."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _ReadsWithoutScalarOp() as python_level:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events()) + python_level.count

@@ -113,37 +113,12 @@ HOST_READS = {
 }
 
 
-class _ReadsWithoutScalarOp(torch.overrides.TorchFunctionMode):
-    """Counts the host reads that the profiler does not show as ``aten::_local_scalar_dense``."""
-
-    NAMES = ("tolist", "numpy", "cpu")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in self.NAMES
-        return func(*args, **(kwargs or {}))
-
-
-def host_reads(fn) -> int:
-    """Every ``.item()``, ``bool()``, ``float()`` of a tensor, and every read inside an aten operator, is
-    one ``aten::_local_scalar_dense`` (counted with torch's profiler); ``tolist()``, ``numpy()`` and
-    ``cpu()`` are counted at the Python level. On a GPU each is a host-device synchronisation."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof, _ReadsWithoutScalarOp() as python_level:
-        fn()
-    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events()) + python_level.count
-
-
 @pytest.mark.parametrize("case", HOST_READS)
 def test_steps_read_nothing_back_from_the_device_but_what_a_refresh_decides_on(case):
     """Host reads per step (:func:`host_reads`) over steps 2-7 (refreshes at 4 and 7): none between
     refreshes, on a refresh only the reads listed above -- a host-device synchronisation drains the
     launch queue on a GPU. The first step (it creates the state) is not counted."""
-    from tests.conftest import batch_for, conv_bn_net
+    from tests.conftest import batch_for, conv_bn_net, host_reads
 
     settings, on_refresh = HOST_READS[case]
     torch.manual_seed(0)
@@ -161,6 +136,8 @@ def test_steps_read_nothing_back_from_the_device_but_what_a_refresh_decides_on(c
 
 
 def test_host_reads_are_counted_however_they_are_made():
+    from tests.conftest import host_reads
+
     t = torch.randn(4)
     assert host_reads(lambda: (t.tolist(), t[0].item(), bool(t[0] > 0), float(t[1]), t.cpu())) == 5
     assert host_reads(lambda: t * 2) == 0
