@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..curvature import check_choice
+from ..curvature.sharded import is_sharded
 
 __all__ = ["sgdph", "step_denominators", "RULES", "DIAGONAL_RULES", "DEFAULT_RULE", "DEFAULT_EPS", "DEFAULT_SO_LR"]
 
@@ -128,6 +129,10 @@ def step_denominators(
         torch._foreach_add_(curvature, 1.0)
         return curvature, 1.0
     # normalized: a tensor whose curvature is all zero has mean 0 and 0/0 = nan there; it gets r = 1.
+    if is_sharded(curvature):  # FSDP2: per shard (laid end to end, shards would be gathered whole)
+        relative = [torch.nan_to_num_(d / d.mean(), nan=1.0) for d in curvature]
+        torch._foreach_add_(relative, eps)
+        return relative, 1.0 + eps
     # Each mean is its tensor's own reduction (a segment reduction over all would sum in another order
     # and change bits); the division, nan_to_num and ε then run once over all tensors laid end to end,
     # element for element the same arithmetic: 3 kernels instead of 3 per tensor.
