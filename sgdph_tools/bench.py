@@ -29,7 +29,7 @@ import multiprocessing as mp
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,8 +94,6 @@ def all_modes(every: tuple[int, ...] = (1, 10)) -> list[Mode]:
 def compiled_modes(modes: list[Mode], compile_mode: str) -> list[Mode]:
     """The modes that torch.compile can run (SGDM, AdamW, SGD-PH without double backward), compiled with
     ``compile_mode``: SGDM first, the baseline of the compiled rows."""
-    from dataclasses import replace
-
     from .curvature.capabilities import needs
 
     def compilable(m: Mode) -> bool:
@@ -364,17 +362,18 @@ def host_overhead(model_name: str, steps: int = 300, compile_mode: str | None = 
             "sgdph, between refreshes, per tensor": lambda: steady_sgdph(foreach=False),
         }
         if compile_mode:
+
+            def compiled_step(opt):
+                opt.step = torch.compile(opt.step, mode=compile_mode)
+                return opt
+
+            def compiled_update(opt):
+                opt.compile_update(compile_mode)
+                return opt
+
             sgd, named = contenders["sgd (foreach)"], f"compiled ({compile_mode})"
             contenders[f"sgd (foreach), {named}"] = lambda: compiled_step(sgd())
             contenders[f"sgdph, between refreshes, {named}"] = lambda: compiled_update(steady_sgdph())
-
-        def compiled_step(opt):
-            opt.step = torch.compile(opt.step, mode=compile_mode)
-            return opt
-
-        def compiled_update(opt):
-            opt.compile_update(compile_mode)
-            return opt
 
         records = []
         for label, build in contenders.items():

@@ -81,14 +81,12 @@ def copies(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Copies of ``tensors`` (no autograd history) in one multi-tensor copy per device and dtype: a
     ``clone`` each would be a launch each on a GPU (60 for resnet18's BatchNorm buffers, on every
     refresh). Copies, bit for bit (``copy_``: no arithmetic)."""
+    if not tensors:  # torch's grouping refuses an empty list
+        return []
     out = [torch.empty_like(t, requires_grad=False) for t in tensors]
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for dst, src in zip(out, tensors):
-        targets, sources = groups.setdefault((src.device, src.dtype), ([], []))
-        targets.append(dst)
-        sources.append(src)
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype([out, list(tensors)])  # type: ignore[list-item]
     with torch.no_grad():
-        for targets, sources in groups.values():
+        for (targets, sources), _ in grouped.values():
             torch._foreach_copy_(targets, sources)
     return out
 
